@@ -1,0 +1,11 @@
+"""accumopt: gradient accumulation inside the optimizer.
+
+Call ``step()`` once per micro-batch; each micro-batch gradient is folded straight into the
+optimizer's moments and the parameters move once every ``accum_steps`` micro-batches.
+"""
+from .adam import AccumAdam, AccumAdamW
+from .sgdm import AccumSGDM
+from .window import AccumOptimizer
+
+__version__ = "0.1.0"
+__all__ = ["AccumSGDM", "AccumAdam", "AccumAdamW", "AccumOptimizer", "__version__"]

@@ -1,0 +1,98 @@
+"""AccumAdam and AccumAdamW: Adam(W), gradient accumulation inside the optimizer."""
+import torch
+
+from .functional.adam import adam_mean_of_squares_micro_step, adam_square_of_mean_micro_step
+from .validation import SECOND_MOMENTS, check_betas, check_bool, check_choice, check_nonnegative
+from .window import AccumOptimizer, as_real
+
+try:
+    from torch.optim.optimizer import _get_scalar_dtype
+except ImportError:  # pragma: no cover - older torch
+    def _get_scalar_dtype():
+        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class AccumAdam(AccumOptimizer):
+    r"""Adam whose ``step()`` is called once per micro-batch and moves the parameters once every
+    ``accum_steps`` calls. Bias corrections count updates, not micro-steps.
+
+    ``second_moment="mean_of_squares"`` (default, no gradient buffer, Su's rule): each window
+    folds m ← β1·m + (1-β1)·Ḡ and v ← β2·v + (1-β2)·mean_t(g_t²) micro-batch by micro-batch,
+    then θ ← θ - lr·m̂/(√v̂ + eps). v is larger than Ḡ² when micro-batch gradients disagree, so
+    steps are smaller than standard accumulation's (Wang & Aitchison, arXiv 2402.18824). With
+    accum_steps=1 it is torch.optim.Adam exactly.
+
+    ``second_moment="square_of_mean"``: one accumulator of Ḡ (state ``grad_accum``, inside a
+    window) and torch.optim.Adam's step on it; after each window everything equals torch.optim.Adam
+    stepped once with Ḡ.
+
+    Coupled weight decay adds λθ to every micro-batch gradient before folding;
+    ``decoupled_weight_decay=True`` applies θ ← θ·(1 - lr·λ) once per update (AdamW).
+    Args mirror torch.optim.Adam, plus ``accum_steps``, ``accum_reduction`` ("mean" or "sum"),
+    ``second_moment``, ``fold_in_backward``, ``backend`` and ``process_group``.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 decoupled_weight_decay=False, amsgrad=False, maximize=False, accum_steps=1,
+                 accum_reduction="mean", second_moment="mean_of_squares",
+                 fold_in_backward=False, backend="auto", process_group=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, accum_steps=accum_steps,
+                        accum_reduction=accum_reduction, second_moment=second_moment,
+                        fold_in_backward=fold_in_backward, backend=backend)
+        super().__init__(params, defaults, process_group=process_group)
+
+    def _check_group(self, group):
+        check_betas(group["betas"])
+        check_nonnegative("eps", group["eps"])
+        check_bool("amsgrad", group["amsgrad"])
+        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+        check_choice("second_moment", group["second_moment"], SECOND_MOMENTS)
+
+    def _run_micro_step(self, group, params, grads, first, update, accum_steps, grad_scale):
+        exact = group["second_moment"] == "square_of_mean"
+        states = [self.state[p] for p in params]
+        for p, state, is_first, moved in zip(params, states, first, update):
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if exact and is_first and not moved:
+                state["grad_accum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"],
+                     decoupled_weight_decay=group["decoupled_weight_decay"],
+                     amsgrad=group["amsgrad"], maximize=group["maximize"],
+                     accum_steps=accum_steps, accum_reduction=group["accum_reduction"],
+                     grad_scale=grad_scale, foreach=self._use_foreach(params))
+        tensors = [[as_real(p) for p in params], [as_real(g) for g in grads]]
+        if exact:
+            tensors.append([as_real(s.get("grad_accum")) for s in states])
+        tensors += [[as_real(s[key]) for s in states] for key in ("exp_avg", "exp_avg_sq")]
+        tensors.append([as_real(s.get("max_exp_avg_sq")) for s in states])
+        tensors.append([s["step"] for s in states])
+        micro_step = adam_square_of_mean_micro_step if exact else adam_mean_of_squares_micro_step
+        micro_step(*tensors, first, update, **hyper)
+        if exact:
+            for state, moved in zip(states, update):
+                if moved:
+                    state.pop("grad_accum", None)
+
+
+class AccumAdamW(AccumAdam):
+    """AccumAdam with decoupled weight decay (θ ← θ·(1 - lr·λ) once per update) and
+    weight_decay=1e-2 by default, as torch.optim.AdamW is to torch.optim.Adam."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 amsgrad=False, maximize=False, accum_steps=1, accum_reduction="mean",
+                 second_moment="mean_of_squares", fold_in_backward=False, backend="auto",
+                 process_group=None):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay=True,
+                         amsgrad=amsgrad, maximize=maximize, accum_steps=accum_steps,
+                         accum_reduction=accum_reduction, second_moment=second_moment,
+                         fold_in_backward=fold_in_backward, backend=backend,
+                         process_group=process_group)
