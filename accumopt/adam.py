@@ -82,6 +82,49 @@ class AccumAdam(AccumOptimizer):
                 if moved:
                     state.pop("grad_accum", None)
 
+    # The Triton path: every state tensor allocated up front; the update count lives on the
+    # device, and ``step`` is a view of it.
+
+    def _triton_slots(self, group, param, state):
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(param)
+        moments = (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
+        if group["second_moment"] == "mean_of_squares":
+            return moments
+        if "grad_accum" not in state:
+            state["grad_accum"] = torch.zeros_like(param)
+        return (state["grad_accum"],) + moments
+
+    def _triton_initial_updates(self, state):
+        return float(state["step"])
+
+    def _triton_built(self, window, states):
+        for i, state in enumerate(states):
+            state["step"] = window.updates[i]
+
+    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf):
+        from . import kernels
+        beta1, beta2 = group["betas"]
+        launch = (kernels.adam_mean_of_squares_micro_step
+                  if group["second_moment"] == "mean_of_squares"
+                  else kernels.adam_square_of_mean_micro_step)
+        launch(window, grads, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+               weight_decay=group["weight_decay"],
+               decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
+               maximize=group["maximize"], accum_steps=accum_steps,
+               accum_reduction=group["accum_reduction"], grad_scale=grad_scale,
+               found_inf=found_inf)
+
+    def _triton_export(self, group, entry, folds, updates):
+        """``step`` as torch.optim keeps it (a CPU scalar tensor); no accumulator at a boundary."""
+        entry["step"] = torch.tensor(updates, dtype=_get_scalar_dtype())
+        if not folds:
+            entry.pop("grad_accum", None)
+
 
 class AccumAdamW(AccumAdam):
     """AccumAdam with decoupled weight decay (θ ← θ·(1 - lr·λ) once per update) and

@@ -33,6 +33,3 @@ def check_backend(backend, params):
                "the parameters are not all CUDA tensors and TRITON_INTERPRET=1 is not set")
         raise ValueError(f"Invalid backend: 'triton' cannot run here: {why}. "
                          f"Use backend='auto' or 'torch'.")
-    if backend == "triton":
-        raise NotImplementedError("backend='triton': the Triton kernels are not built yet; "
-                                  "use backend='auto' or 'torch'.")

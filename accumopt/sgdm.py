@@ -56,7 +56,7 @@ class AccumSGDM(AccumOptimizer):
                      accum_steps=accum_steps, accum_reduction=group["accum_reduction"],
                      grad_scale=grad_scale, foreach=self._use_foreach(params))
         states = [self.state[p] for p in params]
-        if momentum != 0 and not group["nesterov"]:
+        if _bufferless(group):
             # Bufferless: a buffer made in this window is "fresh" until the update (torch's
             # first step copies the gradient in without dampening).
             for p, state, is_first in zip(params, states, first):
@@ -85,3 +85,45 @@ class AccumSGDM(AccumOptimizer):
         for state, moved in zip(states, update):
             if moved:
                 state.pop("grad_accum", None)
+
+    # The Triton path: the kernels need every state tensor allocated up front, and keep
+    # "fresh" (no update yet) as a zero update count on the device.
+
+    def _triton_slots(self, group, param, state):
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(param)
+            state["momentum_fresh"] = True
+        if _bufferless(group):
+            return (state["momentum_buffer"],)
+        if "grad_accum" not in state:
+            state["grad_accum"] = torch.zeros_like(param)
+        return state["grad_accum"], state.get("momentum_buffer")
+
+    def _triton_initial_updates(self, state):
+        return 0.0 if state.pop("momentum_fresh", False) else 1.0
+
+    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf):
+        from . import kernels
+        hyper = dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                     weight_decay=group["weight_decay"], maximize=group["maximize"],
+                     accum_steps=accum_steps, accum_reduction=group["accum_reduction"],
+                     grad_scale=grad_scale, found_inf=found_inf)
+        if _bufferless(group):
+            kernels.sgdm_micro_step(window, grads, **hyper)
+        else:
+            kernels.sgd_exact_micro_step(window, grads, nesterov=group["nesterov"], **hyper)
+
+    def _triton_export(self, group, entry, folds, updates):
+        """Give a state_dict entry the torch path's shape: no buffer before the first update
+        (a bufferless one mid-window is marked fresh), no accumulator at a boundary."""
+        if updates == 0:
+            if _bufferless(group) and folds:
+                entry["momentum_fresh"] = True
+            else:
+                entry.pop("momentum_buffer", None)
+        if not folds:
+            entry.pop("grad_accum", None)
+
+
+def _bufferless(group):
+    return group["momentum"] != 0 and not group["nesterov"]

@@ -5,14 +5,20 @@ parameter whether a micro-step is its first fold of the window (decay the moment
 the window ends (move the parameter), takes GradScaler's scale and drop decision, and keeps all
 of it in the state_dict. The subclasses only turn a planned micro-step into a call of their math.
 
-Per-parameter bookkeeping lives in the parameter's state: ``window_folds`` counts the
-micro-steps folded into it in the current window and is absent at a window boundary, so the
-state at a boundary has exactly torch.optim's keys.
+On the torch path the per-parameter bookkeeping lives in the parameter's state: ``window_folds``
+counts the micro-steps folded into it in the current window and is absent at a window boundary,
+so the state at a boundary has exactly torch.optim's keys.
+
+On the Triton path the same bookkeeping lives on the device, in one
+:class:`accumopt.kernels.DeviceWindow` per bucket (a group's tensors of one device and dtype), so
+that a GradScaler can drop a micro-batch without a host sync. The host keeps a mirror of the
+window position while it can know it; after a step whose drop only the device knows, reading
+``updated``, ``num_updates`` or ``micro_step`` syncs it back.
 """
 import torch
 from torch.optim import Optimizer
 
-from .backend import check_backend
+from .backend import check_backend, triton_can_run
 from .validation import check_accum_steps, check_window_args
 
 
@@ -20,9 +26,13 @@ class AccumOptimizer(Optimizer):
     """Base class of the accumopt optimizers: one ``step()`` per micro-batch, a parameter
     update every ``accum_steps`` of them.
 
-    Subclasses define ``_check_group(group)`` for their own hyperparameters and
+    Subclasses define ``_check_group(group)`` for their own hyperparameters,
     ``_run_micro_step(group, params, grads, first, update, accum_steps, grad_scale)``, which folds
-    ``grads`` (None: update-only) into the state of ``params`` and moves those with ``update``.
+    ``grads`` (None: update-only) into the state of ``params`` and moves those with ``update``,
+    and for the Triton path ``_triton_slots(group, param, state)`` (allocate the state, return
+    the variant's slot tensors), ``_triton_initial_updates(state)``,
+    ``_triton_launch(group, window, grads, accum_steps, grad_scale, found_inf)`` and
+    ``_triton_export(group, entry, folds, updates)`` (shape a state_dict entry).
     """
 
     # step() unscales by GradScaler's grad_scale while folding and drops a micro-batch on its
@@ -37,8 +47,10 @@ class AccumOptimizer(Optimizer):
         self.process_group = process_group
         self._micro_step = 0              # good micro-batches folded into the current window
         self._window_accum_steps = None   # the current window's k, read at its first micro-step
-        self.num_updates = 0              # windows completed: parameter updates so far
-        self.updated = False              # whether the last step() moved the parameters
+        self._num_updates = 0             # windows completed: parameter updates so far
+        self._updated = False             # whether the last step() moved the parameters
+        self._window_known = True         # False after a step only the device knew the drop of
+        self._device_windows = {}         # (group index, device, dtype) -> DeviceWindow
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -46,8 +58,38 @@ class AccumOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         for key, value in (("_micro_step", 0), ("_window_accum_steps", None),
-                           ("num_updates", 0), ("updated", False), ("process_group", None)):
+                           ("_num_updates", 0), ("_updated", False), ("process_group", None),
+                           ("_window_known", True), ("_device_windows", {})):
             self.__dict__.setdefault(key, value)
+
+    @property
+    def updated(self):
+        """Whether the last ``step()`` moved the parameters."""
+        self._sync_window()
+        return self._updated
+
+    @property
+    def num_updates(self):
+        """Parameter updates (completed windows) so far."""
+        self._sync_window()
+        return self._num_updates
+
+    @property
+    def micro_step(self):
+        """Good micro-batches folded into the current window so far (0 at a boundary)."""
+        self._sync_window()
+        return self._micro_step
+
+    def _sync_window(self):
+        """Read the window position back from the device after steps whose GradScaler drop
+        decision only the device knew (one sync; none otherwise)."""
+        if self._window_known:
+            return
+        window = next(iter(self._device_windows.values()))
+        micro_step, window_k, updated, num_updates = window.position()
+        self._micro_step, self._window_accum_steps = micro_step, window_k
+        self._updated, self._num_updates = bool(updated), num_updates
+        self._window_known = True
 
     def add_param_group(self, param_group):
         filled = {**self.defaults, **param_group}
@@ -67,11 +109,6 @@ class AccumOptimizer(Optimizer):
     def _run_micro_step(self, group, params, grads, first, update, accum_steps, grad_scale):
         raise NotImplementedError
 
-    @property
-    def micro_step(self):
-        """Good micro-batches folded into the current window so far (0 at a boundary)."""
-        return self._micro_step
-
     @torch.no_grad()
     def step(self, closure=None):
         """Fold this micro-batch's gradients; on every ``accum_steps``-th call, move the
@@ -81,19 +118,91 @@ class AccumOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [self._group_grads(i, group) for i, group in enumerate(self.param_groups)]
-        accum_steps = self._window_accum_steps if self._micro_step else self._read_accum_steps()
-        dropped, grad_scale = self._grad_scaler_decision()
-        if dropped:
-            self.updated = False
+        on_triton = [self._runs_triton(group) for group in self.param_groups]
+        if not all(on_triton):
+            self._sync_window()
+        accum_steps = (self._window_accum_steps if self._window_known and self._micro_step
+                       else self._read_accum_steps())
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is not None and all(on_triton):
+            # The kernels skip on found_inf and count the window on the device: no sync.
+            for index, group in enumerate(self.param_groups):
+                self._triton_micro_step(index, group, grads[index], accum_steps, grad_scale,
+                                        found_inf)
+            self._window_known = False
+            return loss
+        if found_inf is not None and found_inf.item() != 0:
+            self._updated = False
             return loss
         last = self._micro_step + 1 == accum_steps
-        for group, group_grads in zip(self.param_groups, grads):
-            self._fold_group(group, group_grads, accum_steps, last, grad_scale)
+        for index, (group, group_grads) in enumerate(zip(self.param_groups, grads)):
+            if on_triton[index]:
+                self._triton_micro_step(index, group, group_grads, accum_steps, grad_scale, None)
+            else:
+                self._fold_group(group, group_grads, accum_steps, last,
+                                 None if grad_scale is None else float(grad_scale))
         self._window_accum_steps = accum_steps
         self._micro_step = 0 if last else self._micro_step + 1
-        self.num_updates += last
-        self.updated = last
+        self._num_updates += last
+        self._updated = last
         return loss
+
+    def _runs_triton(self, group):
+        """Whether a group's micro-step runs the Triton kernels: backend "triton", or "auto"
+        with CUDA tensors and Triton installed; and every parameter one the kernels take
+        (anything else, e.g. a non-contiguous or complex parameter, runs the torch path)."""
+        params = group["params"]
+        if group["backend"] == "torch" or not params:
+            return False
+        if group["backend"] == "auto" and not (all(p.is_cuda for p in params)
+                                               and triton_can_run(params)):
+            return False
+        from .kernels import kernel_can_take
+        return all(kernel_can_take(p) for p in params)
+
+    def _triton_micro_step(self, index, group, grads, accum_steps, grad_scale, found_inf):
+        """One micro-step of a Triton group: per bucket, (re)build its DeviceWindow if the set
+        of tensors changed, then launch."""
+        buckets = {}
+        for param, grad in zip(group["params"], grads):
+            bucket = buckets.setdefault((param.device, param.dtype), ([], []))
+            bucket[0].append(param)
+            bucket[1].append(grad)
+        for key, (params, bucket_grads) in buckets.items():
+            states = [self.state[p] for p in params]
+            slots = list(zip(*[self._triton_slots(group, p, s) for p, s in zip(params, states)]))
+            window = self._device_windows.get((index,) + key)
+            if window is None or not window.matches(params, slots):
+                window = self._build_device_window(params, states, slots)
+                self._device_windows[(index,) + key] = window
+            self._triton_launch(group, window, bucket_grads, accum_steps, grad_scale, found_inf)
+
+    def _build_device_window(self, params, states, slots):
+        from .kernels import DeviceWindow
+        self._sync_window()
+        folds = [state.pop("window_folds", 0) for state in states]
+        updates = [self._triton_initial_updates(state) for state in states]
+        window = DeviceWindow(params, slots, folds, updates,
+                              (self._micro_step, self._window_accum_steps or 0,
+                               int(self._updated), self._num_updates))
+        self._triton_built(window, states)
+        return window
+
+    def _triton_slots(self, group, param, state):
+        raise NotImplementedError
+
+    def _triton_initial_updates(self, state):
+        raise NotImplementedError
+
+    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf):
+        raise NotImplementedError
+
+    def _triton_export(self, group, entry, folds, updates):
+        raise NotImplementedError
+
+    def _triton_built(self, window, states):
+        """Called once a DeviceWindow is built over ``states`` (Adam ties ``step`` to it)."""
 
     def _fold_group(self, group, grads, accum_steps, last, grad_scale):
         """Plan one micro-step of a param group: which parameters fold, which fold first in this
@@ -140,21 +249,26 @@ class AccumOptimizer(Optimizer):
                              f"window spans the whole optimizer, so set the same value in each")
         return values[0]
 
-    def _grad_scaler_decision(self):
-        """(drop this micro-batch?, the scale to divide gradients by or None), from the
-        ``found_inf`` and ``grad_scale`` GradScaler.step() sets on the optimizer."""
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item() != 0:
-            return True, None
-        grad_scale = getattr(self, "grad_scale", None)
-        return False, None if grad_scale is None else float(grad_scale)
-
     def state_dict(self):
-        """torch.optim's state_dict plus the window position under ``"accum"``."""
+        """torch.optim's state_dict plus the window position under ``"accum"``. Parameters on
+        the Triton path get their device bookkeeping written into their entries (a sync)."""
+        self._sync_window()
         state_dict = super().state_dict()
+        index = {id(p): i for i, p in
+                 enumerate(p for group in self.param_groups for p in group["params"])}
+        for (group_index, *_), window in self._device_windows.items():
+            group = self.param_groups[group_index]
+            for param, folds, updates in zip(window.params, *window.counters()):
+                if index[id(param)] not in state_dict["state"]:
+                    continue
+                entry = dict(state_dict["state"][index[id(param)]])
+                if folds:
+                    entry["window_folds"] = folds
+                self._triton_export(group, entry, folds, updates)
+                state_dict["state"][index[id(param)]] = entry
         state_dict["accum"] = {"micro_step": self._micro_step,
                                "window_accum_steps": self._window_accum_steps,
-                               "num_updates": self.num_updates}
+                               "num_updates": self._num_updates}
         return state_dict
 
     def load_state_dict(self, state_dict):
@@ -175,7 +289,9 @@ class AccumOptimizer(Optimizer):
                 for group, saved in zip(self.param_groups, saved_groups)]}
         super().load_state_dict(state_dict)
         self._micro_step, self._window_accum_steps = micro_step, window_k
-        self.num_updates = window["num_updates"]
+        self._num_updates, self._updated = window["num_updates"], False
+        self._window_known = True
+        self._device_windows = {}  # rebuilt from the loaded state on the next step
 
     def _use_foreach(self, params):
         """The multi-tensor form where torch has native foreach kernels, as torch.optim does."""

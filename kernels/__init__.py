@@ -1,4 +1,15 @@
 """accumopt's Triton kernels, installed as ``accumopt.kernels`` (setup.py's package_dir).
 
-Empty until the kernels land; ``backend="auto"`` runs accumopt.functional meanwhile.
+Each micro-step of a bucket (one param group's tensors of one device and dtype) is two launches
+whatever the number of tensors: the fused micro-step kernel (accumopt.kernels.micro_step) and the
+window-bookkeeping kernel (accumopt.kernels.window). The launchers sit beside the PyTorch math
+they mirror: accumopt.kernels.sgd and accumopt.kernels.adam.
 """
+from .adam import (MEAN_OF_SQUARES_SLOTS, SQUARE_OF_MEAN_SLOTS, adam_mean_of_squares_micro_step,
+                   adam_square_of_mean_micro_step)
+from .sgd import SGD_EXACT_SLOTS, SGDM_SLOTS, sgd_exact_micro_step, sgdm_micro_step
+from .tables import DeviceWindow, kernel_can_take
+
+__all__ = ["DeviceWindow", "kernel_can_take", "sgdm_micro_step", "sgd_exact_micro_step",
+           "adam_mean_of_squares_micro_step", "adam_square_of_mean_micro_step", "SGDM_SLOTS",
+           "SGD_EXACT_SLOTS", "MEAN_OF_SQUARES_SLOTS", "SQUARE_OF_MEAN_SLOTS"]

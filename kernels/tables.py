@@ -1,0 +1,119 @@
+"""Host side of the kernels: one bucket's device tables (built once per set of tensors), the
+device-side window counters, and the two launches of a micro-step."""
+import math
+
+import torch
+import triton.language as tl
+
+from .micro_step import micro_step_kernel
+from .window import window_kernel
+
+BLOCK = 1024          # elements per program: 8 fp32 per thread at 4 warps, two 128-bit accesses
+WINDOW_BLOCK = 256    # tensors per iteration of the bookkeeping kernel
+N_SLOTS = 6           # θ, g and up to four state tensors
+KERNEL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def kernel_can_take(tensor):
+    """The kernels take dense, 16-byte aligned fp32 / bf16 / fp16 tensors; the optimizer runs
+    any group holding something else on the torch path."""
+    return (tensor.dtype in KERNEL_DTYPES and tensor.is_contiguous()
+            and tensor.data_ptr() % 16 == 0)
+
+
+# An empty tensor's data_ptr() is 0, the gradient row's "no gradient"; it has no blocks, so this
+# stand-in address that marks it present is never dereferenced.
+EMPTY_ADDRESS = 16
+
+
+def _addresses(tensors):
+    return [0 if t is None else t.data_ptr() or EMPTY_ADDRESS for t in tensors]
+
+
+class DeviceWindow:
+    """Tables and counters for one bucket: parameters of one param group on one device with one
+    dtype, and their state tensors in the variant's slot order (None where a slot is unused).
+
+    ``folds``, ``updates`` and ``window`` start from the host's bookkeeping and from then on
+    live on the device (see accumopt.kernels.micro_step for what each holds)."""
+
+    def __init__(self, params, slots, folds, updates, window):
+        self.params = list(params)
+        self.slots = [list(slot) for slot in slots]
+        self.device = self.params[0].device
+        self.dtype = KERNEL_DTYPES[self.params[0].dtype]
+        self._signature = self.signature(self.params, self.slots)
+        n = len(self.params)
+        rows = [_addresses(self.params), [0] * n] + [_addresses(slot) for slot in self.slots]
+        rows += [[0] * n] * (N_SLOTS - len(rows))
+        self.table = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        numels = [p.numel() for p in self.params]
+        self.numels = torch.tensor(numels, dtype=torch.int64, device=self.device)
+        chunks = [math.ceil(numel / BLOCK) for numel in numels]
+        work = [[t for t, c in enumerate(chunks) for _ in range(c)],
+                [i for c in chunks for i in range(c)]]
+        self.n_work = len(work[0])
+        self.work = torch.tensor(work, dtype=torch.int32, device=self.device).reshape(2, -1)
+        self.folds = torch.tensor(folds, dtype=torch.int32, device=self.device)
+        self.updates = torch.tensor(updates, dtype=torch.float32, device=self.device)
+        self.window = torch.tensor(window, dtype=torch.int32, device=self.device)
+        self._grads_alive = []
+
+    @staticmethod
+    def signature(params, slots):
+        return tuple(_addresses(params)) + tuple(a for slot in slots for a in _addresses(slot))
+
+    def matches(self, params, slots):
+        return self._signature == self.signature(params, slots)
+
+    def set_grads(self, grads):
+        """Point the gradient row at this micro-step's gradients (0 where None): one
+        host-to-device copy, no sync."""
+        alive = [None if g is None or kernel_can_take(g) else g.contiguous() for g in grads]
+        grads = [g if a is None else a for g, a in zip(grads, alive)]
+        # Copies of gradients the kernel could not take must live until it has read them.
+        self._grads_alive = [a for a in alive if a is not None]
+        pinned = self.device.type == "cuda"
+        row = torch.tensor(_addresses(grads), dtype=torch.int64)
+        self.table[1].copy_(row.pin_memory() if pinned else row, non_blocking=pinned)
+
+    def counters(self):
+        """(folds, updates) per tensor, read back to the host (a sync)."""
+        return self.folds.tolist(), self.updates.tolist()
+
+    def position(self):
+        """(micro_step, window accum_steps, updated, num_updates), read back (a sync)."""
+        return tuple(self.window.tolist())
+
+    def launch(self, variant, *, accum_steps, lr, weight_decay, maximize, accum_reduction,
+               beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, dampening=0.0,
+               decoupled_weight_decay=False, amsgrad=False, nesterov=False,
+               momentum_buffer=False, grad_scale=None, found_inf=None):
+        """The micro-step kernel over every (tensor, block), then the bookkeeping kernel."""
+        def on_device(x):
+            return None if x is None else x.to(self.device, torch.float32, non_blocking=True)
+
+        grad_scale, found_inf = on_device(grad_scale), on_device(found_inf)
+        dummy = self.updates  # stands in for an absent scalar tensor; never read
+        scalars = dict(grad_scale_ptr=dummy if grad_scale is None else grad_scale,
+                       found_inf_ptr=dummy if found_inf is None else found_inf)
+        if self.n_work:
+            micro_step_kernel[(self.n_work,)](
+                self.work, self.n_work, self.numels, self.table, len(self.params), self.folds,
+                self.updates, self.window, accum_steps=int(accum_steps), lr=float(lr),
+                beta1=float(beta1), beta2=float(beta2), log2_beta1=_log2(beta1),
+                log2_beta2=_log2(beta2), eps=float(eps), weight_decay=float(weight_decay),
+                momentum=float(momentum), dampening=float(dampening), VARIANT=variant,
+                DTYPE=self.dtype, MAXIMIZE=bool(maximize), MEAN=accum_reduction == "mean",
+                DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
+                NESTEROV=bool(nesterov), MOMENTUM_BUFFER=bool(momentum_buffer),
+                HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+                BLOCK=BLOCK, **scalars)
+        window_kernel[(1,)](self.table, len(self.params), self.folds, self.updates, self.window,
+                            scalars["found_inf_ptr"], int(accum_steps),
+                            HAS_FOUND_INF=found_inf is not None, BLOCK=WINDOW_BLOCK)
+
+
+def _log2(beta):
+    # log2(0) = -inf makes β^c = exp2(c·log2 β) exactly 0 for β = 0.
+    return math.log2(beta) if beta > 0 else float("-inf")
