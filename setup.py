@@ -12,5 +12,6 @@ setup(
     packages=["accumopt", "accumopt.functional", "accumopt.kernels"],
     package_dir={"accumopt": "accumopt", "accumopt.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    # numpy: Triton's interpreter (TRITON_INTERPRET=1), which the CPU tests run the kernels in.
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "numpy"]},
 )
