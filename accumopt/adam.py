@@ -106,18 +106,18 @@ class AccumAdam(AccumOptimizer):
         for i, state in enumerate(states):
             state["step"] = window.updates[i]
 
-    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf):
+    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf, **launch):
         from . import kernels
         beta1, beta2 = group["betas"]
-        launch = (kernels.adam_mean_of_squares_micro_step
-                  if group["second_moment"] == "mean_of_squares"
-                  else kernels.adam_square_of_mean_micro_step)
-        launch(window, grads, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        micro_step = (kernels.adam_mean_of_squares_micro_step
+                      if group["second_moment"] == "mean_of_squares"
+                      else kernels.adam_square_of_mean_micro_step)
+        micro_step(window, grads, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"],
                decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
                maximize=group["maximize"], accum_steps=accum_steps,
                accum_reduction=group["accum_reduction"], grad_scale=grad_scale,
-               found_inf=found_inf)
+               found_inf=found_inf, **launch)
 
     def _triton_export(self, group, entry, folds, updates):
         """``step`` as torch.optim keeps it (a CPU scalar tensor); no accumulator at a boundary."""

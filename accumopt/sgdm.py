@@ -102,12 +102,12 @@ class AccumSGDM(AccumOptimizer):
     def _triton_initial_updates(self, state):
         return 0.0 if state.pop("momentum_fresh", False) else 1.0
 
-    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf):
+    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf, **launch):
         from . import kernels
         hyper = dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                      weight_decay=group["weight_decay"], maximize=group["maximize"],
                      accum_steps=accum_steps, accum_reduction=group["accum_reduction"],
-                     grad_scale=grad_scale, found_inf=found_inf)
+                     grad_scale=grad_scale, found_inf=found_inf, **launch)
         if _bufferless(group):
             kernels.sgdm_micro_step(window, grads, **hyper)
         else:

@@ -9,6 +9,11 @@ On the torch path the per-parameter bookkeeping lives in the parameter's state: 
 counts the micro-steps folded into it in the current window and is absent at a window boundary,
 so the state at a boundary has exactly torch.optim's keys.
 
+With ``fold_in_backward`` the micro-step's folds happen inside backward, one parameter at a time
+as autograd finishes its gradient (:mod:`accumopt.backward_hooks`), with the same per-parameter
+plan as step mode; ``step()`` then moves the parameters that got a gradient earlier in the window
+but none now, and advances the window.
+
 On the Triton path the same bookkeeping lives on the device, in one
 :class:`accumopt.kernels.DeviceWindow` per bucket (a group's tensors of one device and dtype), so
 that a GradScaler can drop a micro-batch without a host sync. The host keeps a mirror of the
@@ -19,6 +24,7 @@ import torch
 from torch.optim import Optimizer
 
 from .backend import check_backend, triton_can_run
+from .backward_hooks import register_fold_hooks
 from .validation import check_accum_steps, check_window_args
 
 
@@ -31,7 +37,8 @@ class AccumOptimizer(Optimizer):
     ``grads`` (None: update-only) into the state of ``params`` and moves those with ``update``,
     and for the Triton path ``_triton_slots(group, param, state)`` (allocate the state, return
     the variant's slot tensors), ``_triton_initial_updates(state)``,
-    ``_triton_launch(group, window, grads, accum_steps, grad_scale, found_inf)`` and
+    ``_triton_launch(group, window, grads, accum_steps, grad_scale, found_inf, **launch)``
+    (``launch``: DeviceWindow.launch's ``hook_tensor`` / ``flush``) and
     ``_triton_export(group, entry, folds, updates)`` (shape a state_dict entry).
     """
 
@@ -43,14 +50,19 @@ class AccumOptimizer(Optimizer):
         if process_group is not None:
             raise NotImplementedError("process_group: distributed windows are not built yet; "
                                       "pass process_group=None")
+        self._hook_handles = []           # fold_in_backward hooks, filled by add_param_group
+        self._hook_group = {}             # parameter -> index of its param group (hook mode)
         super().__init__(params, defaults)
         self.process_group = process_group
         self._micro_step = 0              # good micro-batches folded into the current window
-        self._window_accum_steps = None   # the current window's k, read at its first micro-step
+        self._window_accum_steps = None   # the current window's k, read when the window opens
+        self._window_open = False         # k read (by a hook or step) and the window not ended
         self._num_updates = 0             # windows completed: parameter updates so far
         self._updated = False             # whether the last step() moved the parameters
         self._window_known = True         # False after a step only the device knew the drop of
         self._device_windows = {}         # (group index, device, dtype) -> DeviceWindow
+        self._hooked = set()              # parameters hooks folded in this micro-step
+        self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -58,8 +70,10 @@ class AccumOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         for key, value in (("_micro_step", 0), ("_window_accum_steps", None),
-                           ("_num_updates", 0), ("_updated", False), ("process_group", None),
-                           ("_window_known", True), ("_device_windows", {})):
+                           ("_window_open", False), ("_num_updates", 0), ("_updated", False),
+                           ("process_group", None), ("_window_known", True),
+                           ("_device_windows", {}), ("_hook_handles", []), ("_hook_group", {}),
+                           ("_hooked", set()), ("_micro_step_cache", {})):
             self.__dict__.setdefault(key, value)
 
     @property
@@ -89,7 +103,16 @@ class AccumOptimizer(Optimizer):
         micro_step, window_k, updated, num_updates = window.position()
         self._micro_step, self._window_accum_steps = micro_step, window_k
         self._updated, self._num_updates = bool(updated), num_updates
+        self._window_open = micro_step > 0
         self._window_known = True
+
+    def _accum_steps_now(self):
+        """The current window's accum_steps, read from the param groups when the window opens
+        (at its first hook or step) and fixed until it ends."""
+        if not self._window_open:
+            self._window_accum_steps = self._read_accum_steps()
+            self._window_open = True
+        return self._window_accum_steps
 
     def add_param_group(self, param_group):
         filled = {**self.defaults, **param_group}
@@ -97,11 +120,19 @@ class AccumOptimizer(Optimizer):
         self._check_group(filled)
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if filled["fold_in_backward"]:
-            raise NotImplementedError("fold_in_backward=True is not built yet; use step mode "
-                                      "(fold_in_backward=False)")
         check_backend(filled["backend"], params)
         super().add_param_group(param_group)
+        if filled["fold_in_backward"]:
+            index = len(self.param_groups) - 1
+            self._hook_group.update((p, index) for p in self.param_groups[index]["params"])
+            self._hook_handles += register_fold_hooks(self, self.param_groups[index]["params"])
+
+    def remove_hooks(self):
+        """Remove the fold_in_backward hooks: gradients then stay in ``.grad``, as without
+        accumopt. Call before dropping an optimizer whose parameters live on."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles, self._hook_group = [], {}
 
     def _check_group(self, group):
         raise NotImplementedError
@@ -111,47 +142,96 @@ class AccumOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Fold this micro-batch's gradients; on every ``accum_steps``-th call, move the
-        parameters. Sets ``updated`` and, on an update, increments ``num_updates``."""
+        """Fold this micro-batch's gradients (those hooks have not folded already); on every
+        ``accum_steps``-th call, move the parameters. Sets ``updated`` and, on an update,
+        increments ``num_updates``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grads = [self._group_grads(i, group) for i, group in enumerate(self.param_groups)]
-        on_triton = [self._runs_triton(group) for group in self.param_groups]
-        if not all(on_triton):
-            self._sync_window()
-        accum_steps = (self._window_accum_steps if self._window_known and self._micro_step
-                       else self._read_accum_steps())
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
+        if self._hook_handles and (found_inf is not None or grad_scale is not None):
+            raise RuntimeError(
+                "fold_in_backward=True cannot take GradScaler: the scaled gradients were folded "
+                "inside backward, before GradScaler could find an inf in them. Train with bf16 "
+                "autocast instead (torch.autocast(device_type, dtype=torch.bfloat16)), which "
+                "needs no GradScaler, or use step mode (fold_in_backward=False).")
+        on_triton = [self._runs_triton(i, group) for i, group in enumerate(self.param_groups)]
+        if not all(on_triton):
+            self._sync_window()
         if found_inf is not None and all(on_triton):
-            # The kernels skip on found_inf and count the window on the device: no sync.
+            # The kernels skip on found_inf and count the window on the device: no sync. The
+            # device takes accum_steps from the groups when its window starts.
+            accum_steps = self._read_accum_steps()
             for index, group in enumerate(self.param_groups):
                 self._triton_micro_step(index, group, grads[index], accum_steps, grad_scale,
                                         found_inf)
             self._window_known = False
+            self._end_micro_step()
             return loss
         if found_inf is not None and found_inf.item() != 0:
             self._updated = False
+            self._end_micro_step()
             return loss
+        accum_steps = self._accum_steps_now()
         last = self._micro_step + 1 == accum_steps
         for index, (group, group_grads) in enumerate(zip(self.param_groups, grads)):
             if on_triton[index]:
                 self._triton_micro_step(index, group, group_grads, accum_steps, grad_scale, None)
             else:
-                self._fold_group(group, group_grads, accum_steps, last,
+                self._fold_group(group, group["params"], group_grads, accum_steps, last,
                                  None if grad_scale is None else float(grad_scale))
-        self._window_accum_steps = accum_steps
         self._micro_step = 0 if last else self._micro_step + 1
+        self._window_open = not last
         self._num_updates += last
         self._updated = last
+        self._end_micro_step()
         return loss
 
-    def _runs_triton(self, group):
+    def _end_micro_step(self):
+        self._hooked.clear()
+        self._micro_step_cache.clear()
+        for window in self._device_windows.values():
+            window.end_micro_step()
+
+    @torch.no_grad()
+    def _fold_in_backward(self, param):
+        """The fold_in_backward hook: fold ``param``'s finished gradient (moving the parameter
+        if this is the window's last micro-step) and free it."""
+        grad = param.grad
+        index = self._hook_group.get(param)
+        if grad is None or index is None:
+            return
+        group = self.param_groups[index]
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                               f"(a parameter of param group {index} has one)")
+        if param in self._hooked:
+            raise RuntimeError("fold_in_backward=True folds one gradient per parameter per "
+                               "micro-step: call step() after each backward")
+        self._sync_window()
+        accum_steps = self._accum_steps_now()
+        last = self._micro_step + 1 == accum_steps
+        if self._runs_triton(index, group):
+            self._triton_fold_in_backward(index, group, param, grad, accum_steps)
+        else:
+            self._fold_group(group, [param], [grad], accum_steps, last, None)
+        param.grad = None
+        self._hooked.add(param)
+
+    def _runs_triton(self, index, group):
         """Whether a group's micro-step runs the Triton kernels: backend "triton", or "auto"
         with CUDA tensors and Triton installed; and every parameter one the kernels take
-        (anything else, e.g. a non-contiguous or complex parameter, runs the torch path)."""
+        (anything else, e.g. a non-contiguous or complex parameter, runs the torch path).
+        Worked out once per micro-step."""
+        key = ("runs_triton", index)
+        if key not in self._micro_step_cache:
+            self._micro_step_cache[key] = self._kernels_take(group)
+        return self._micro_step_cache[key]
+
+    def _kernels_take(self, group):
         params = group["params"]
         if group["backend"] == "torch" or not params:
             return False
@@ -162,21 +242,46 @@ class AccumOptimizer(Optimizer):
         return all(kernel_can_take(p) for p in params)
 
     def _triton_micro_step(self, index, group, grads, accum_steps, grad_scale, found_inf):
-        """One micro-step of a Triton group: per bucket, (re)build its DeviceWindow if the set
-        of tensors changed, then launch."""
+        """One micro-step of a Triton group: per bucket, a launch over the gradients not yet
+        folded (in fold_in_backward mode, those hooks stashed) and the window's bookkeeping."""
         buckets = {}
         for param, grad in zip(group["params"], grads):
-            bucket = buckets.setdefault((param.device, param.dtype), ([], []))
-            bucket[0].append(param)
-            bucket[1].append(grad)
-        for key, (params, bucket_grads) in buckets.items():
+            buckets.setdefault((param.device, param.dtype), []).append(grad)
+        for (device, dtype), bucket_grads in buckets.items():
+            window = self._device_window(index, group, device, dtype)
+            row = [g if g is not None else held for g, held in zip(bucket_grads, window.row)]
+            self._triton_launch(group, window, row, accum_steps, grad_scale, found_inf)
+
+    def _triton_fold_in_backward(self, index, group, param, grad, accum_steps):
+        """A hook's fold on the Triton path: a large gradient gets its own launch now; a small
+        one waits in the bucket's stash for step() (or a flush once the stash is large)."""
+        from .kernels import tables
+        window = self._device_window(index, group, param.device, param.dtype)
+        t = window.index[param]
+        if grad.numel() >= tables.HOOK_LAUNCH_MIN_NUMEL:
+            self._triton_launch(group, window, grad, accum_steps, None, None, hook_tensor=t)
+            window.mark_folded([t])
+            return
+        window.stash(t, grad)
+        if window.stashed_numel >= tables.STASH_MAX_NUMEL:
+            stashed = window.stashed()
+            self._triton_launch(group, window, stashed, accum_steps, None, None, flush=True)
+            window.mark_folded([t for t, g in enumerate(stashed) if g is not None])
+
+    def _device_window(self, index, group, device, dtype):
+        """The DeviceWindow of a bucket, (re)built when its set of tensors changed; checked
+        once per micro-step."""
+        key = (index, device, dtype)
+        window = self._device_windows.get(key)
+        if ("window", key) not in self._micro_step_cache:
+            params = [p for p in group["params"] if p.device == device and p.dtype == dtype]
             states = [self.state[p] for p in params]
             slots = list(zip(*[self._triton_slots(group, p, s) for p, s in zip(params, states)]))
-            window = self._device_windows.get((index,) + key)
             if window is None or not window.matches(params, slots):
                 window = self._build_device_window(params, states, slots)
-                self._device_windows[(index,) + key] = window
-            self._triton_launch(group, window, bucket_grads, accum_steps, grad_scale, found_inf)
+                self._device_windows[key] = window
+            self._micro_step_cache[("window", key)] = True
+        return window
 
     def _build_device_window(self, params, states, slots):
         from .kernels import DeviceWindow
@@ -195,7 +300,7 @@ class AccumOptimizer(Optimizer):
     def _triton_initial_updates(self, state):
         raise NotImplementedError
 
-    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf):
+    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf, **launch):
         raise NotImplementedError
 
     def _triton_export(self, group, entry, folds, updates):
@@ -204,11 +309,12 @@ class AccumOptimizer(Optimizer):
     def _triton_built(self, window, states):
         """Called once a DeviceWindow is built over ``states`` (Adam ties ``step`` to it)."""
 
-    def _fold_group(self, group, grads, accum_steps, last, grad_scale):
-        """Plan one micro-step of a param group: which parameters fold, which fold first in this
-        window, which move; run it; then advance each parameter's fold count."""
+    def _fold_group(self, group, group_params, grads, accum_steps, last, grad_scale):
+        """Plan one micro-step of some of a group's parameters (all of them in step(), one in a
+        hook): which fold, which fold first in this window, which move; run it; then advance
+        each parameter's fold count."""
         params, planned_grads, first = [], [], []
-        for param, grad in zip(group["params"], grads):
+        for param, grad in zip(group_params, grads):
             folds = self.state[param].get("window_folds", 0)
             # A parameter with no gradient now still moves on the last micro-step if it got
             # gradients earlier in the window; one with none in the whole window stays put.
@@ -290,8 +396,9 @@ class AccumOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         self._micro_step, self._window_accum_steps = micro_step, window_k
         self._num_updates, self._updated = window["num_updates"], False
-        self._window_known = True
+        self._window_open, self._window_known = micro_step > 0, True
         self._device_windows = {}  # rebuilt from the loaded state on the next step
+        self._micro_step_cache.clear()
 
     def _use_foreach(self, params):
         """The multi-tensor form where torch has native foreach kernels, as torch.optim does."""

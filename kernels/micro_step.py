@@ -5,8 +5,10 @@ window's last micro-step, moves the parameter.
 The math is accumopt.functional's, element for element (see its docstrings for the formulas);
 what the functional takes as per-tensor host lists the kernel reads from device tables:
 
-* ``table``   int64 [6, n]: addresses of θ, g (0: no gradient this micro-step) and up to four
-              state tensors, slot order per variant (see ``SLOTS`` in accumopt.kernels.tables);
+* ``table``   int64 [6, n]: addresses of θ, g and up to four state tensors, slot order per
+              variant (the launchers' ``*_SLOTS``). The g row holds 0 for no gradient this
+              micro-step and ``HOOKED`` (1, never an address) for a tensor a fold_in_backward
+              hook has already folded this micro-step;
 * ``folds``   int32 [n]: micro-steps folded into each tensor this window (0: next fold decays);
 * ``updates`` fp32 [n]: updates each tensor has had (Adam's step; 0 is SGD's "fresh" buffer);
 * ``window``  int32 [4]: good micro-steps folded this window, the window's accum_steps,
@@ -15,20 +17,33 @@ what the functional takes as per-tensor host lists the kernel reads from device 
 All four are written only by :mod:`accumopt.kernels.window`'s kernel, launched after this one,
 so every program here reads the same values. ``found_inf`` (GradScaler) drops the whole
 micro-batch on the device, without a host sync.
+
+With ``HOOK`` the launch covers one tensor (its rows of the work table) from inside backward,
+and its gradient's address comes as ``hook_grad_addr``. With ``MOVE_UNFOLDED`` off, tensors
+without a gradient are left alone even on the last micro-step (a flush in the middle of
+backward, before they may still get one).
 """
 import triton
 import triton.language as tl
 
 SGDM, SGD_EXACT, ADAM_MEAN_OF_SQUARES, ADAM_SQUARE_OF_MEAN = 0, 1, 2, 3
+# In the gradient row: folded by a hook earlier this micro-step (never an address). A
+# constexpr, because the compiler reads no other globals inside a kernel.
+HOOKED = tl.constexpr(1)
 
 
 @triton.jit
-def _load(table_ptr, slot, t, n_tensors, offs, in_bounds, DTYPE: tl.constexpr,
-          EVEN: tl.constexpr):
-    """A block of the tensor in ``slot`` as fp32 (math is fp32 whatever the storage dtype)."""
-    addr = tl.load(table_ptr + slot * n_tensors + t)
-    # The host only builds tables from 16-byte aligned tensors. The hint must sit on the pointer,
-    # after the cast from int64 (on the integer it is lost): full blocks then use 128-bit loads.
+def _addr(table_ptr, slot, t, n_tensors):
+    """The address of tensor ``t`` in ``slot`` of the table."""
+    return tl.load(table_ptr + slot * n_tensors + t)
+
+
+@triton.jit
+def _load(addr, offs, in_bounds, DTYPE: tl.constexpr, EVEN: tl.constexpr):
+    """A block of the tensor at ``addr`` as fp32 (math is fp32 whatever the storage dtype)."""
+    # Tables and hook gradients are only ever 16-byte aligned tensors. The hint must sit on the
+    # pointer, after the cast from int64 (on the integer it is lost): full blocks then use
+    # 128-bit loads.
     ptr = tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 16)
     if EVEN:
         x = tl.load(ptr + offs)
@@ -38,10 +53,8 @@ def _load(table_ptr, slot, t, n_tensors, offs, in_bounds, DTYPE: tl.constexpr,
 
 
 @triton.jit
-def _store(table_ptr, slot, t, n_tensors, offs, in_bounds, x, DTYPE: tl.constexpr,
-           EVEN: tl.constexpr):
-    """Store an fp32 block into the tensor in ``slot``, rounding to its dtype (nearest-even)."""
-    addr = tl.load(table_ptr + slot * n_tensors + t)
+def _store(addr, offs, in_bounds, x, DTYPE: tl.constexpr, EVEN: tl.constexpr):
+    """Store an fp32 block at ``addr``, rounding to the tensor's dtype (nearest-even)."""
     ptr = tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 16)
     if EVEN:
         tl.store(ptr + offs, x.to(DTYPE))
@@ -50,8 +63,8 @@ def _store(table_ptr, slot, t, n_tensors, offs, in_bounds, x, DTYPE: tl.constexp
 
 
 @triton.jit
-def _adam_move(table_ptr, t, n_tensors, offs, in_bounds, p, m, v, vmax_slot, c, lr, log2_beta1,
-               log2_beta2, eps, weight_decay, DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
+def _adam_move(p, m, v, vmax_addr, offs, in_bounds, c, lr, log2_beta1, log2_beta2, eps,
+               weight_decay, DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
                AMSGRAD: tl.constexpr, EVEN: tl.constexpr):
     """torch.optim.Adam's parameter move with the moments folded; c is this update's count."""
     # β^c as exp2(c·log2 β) in fp32: no pow in the interpreter; β = 0 gives log2 β = -inf, β^c = 0.
@@ -60,47 +73,51 @@ def _adam_move(table_ptr, t, n_tensors, offs, in_bounds, p, m, v, vmax_slot, c, 
     if DECOUPLED:
         p = p * (1.0 - lr * weight_decay)
     if AMSGRAD:
-        vmax = tl.maximum(_load(table_ptr, vmax_slot, t, n_tensors, offs, in_bounds, DTYPE, EVEN), v)
-        _store(table_ptr, vmax_slot, t, n_tensors, offs, in_bounds, vmax, DTYPE, EVEN)
-        v = vmax
+        v = tl.maximum(_load(vmax_addr, offs, in_bounds, DTYPE, EVEN), v)
+        _store(vmax_addr, offs, in_bounds, v, DTYPE, EVEN)
     # torch's eps placement: eps is added to √v̂ after bias correction.
     denom = tl.sqrt(v) / tl.sqrt(bias_correction2) + eps
     return p - (lr / bias_correction1) * m / denom
 
 
 @triton.jit
-def _fold_block(table_ptr, t, n_tensors, offs, in_bounds, has_grad, first, last, fresh, c, w_win, w_est,
-                k, lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, momentum,
-                dampening, VARIANT: tl.constexpr, DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
-                AMSGRAD: tl.constexpr, NESTEROV: tl.constexpr, MOMENTUM_BUFFER: tl.constexpr,
-                EVEN: tl.constexpr, BLOCK: tl.constexpr):
+def _fold_block(table_ptr, t, n_tensors, grad_addr, offs, in_bounds, has_grad, first, last,
+                fresh, c, w_win, w_est, k, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
+                weight_decay, momentum, dampening, VARIANT: tl.constexpr, DTYPE: tl.constexpr,
+                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, NESTEROV: tl.constexpr,
+                MOMENTUM_BUFFER: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr):
+    """Fold one block of tensor ``t`` and, on the last micro-step, move it: the variant's math
+    from accumopt.functional, element for element, in fp32."""
+    p_addr = _addr(table_ptr, 0, t, n_tensors)
+    s2 = _addr(table_ptr, 2, t, n_tensors)
+    s3 = _addr(table_ptr, 3, t, n_tensors)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
     g = zero
     if has_grad:
-        g = _load(table_ptr, 1, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
+        g = _load(grad_addr, offs, in_bounds, DTYPE, EVEN)
     if VARIANT == 0:  # SGDM, bufferless: slot 2 is the momentum buffer
-        buf = _load(table_ptr, 2, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
+        buf = _load(s2, offs, in_bounds, DTYPE, EVEN)
         p = zero
         if last | (first & (weight_decay != 0.0)):
-            p = _load(table_ptr, 0, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
+            p = _load(p_addr, offs, in_bounds, DTYPE, EVEN)
         if has_grad:
             if first:
                 x = g * w_win + weight_decay * p
                 buf = tl.where(fresh, x, momentum * buf + (1.0 - dampening) * x)
             else:
                 buf = buf + tl.where(fresh, 1.0, 1.0 - dampening) * w_win * g
-            _store(table_ptr, 2, t, n_tensors, offs, in_bounds, buf, DTYPE, EVEN)
+            _store(s2, offs, in_bounds, buf, DTYPE, EVEN)
         if last:
-            _store(table_ptr, 0, t, n_tensors, offs, in_bounds, p - lr * buf, DTYPE, EVEN)
+            _store(p_addr, offs, in_bounds, p - lr * buf, DTYPE, EVEN)
     elif VARIANT == 2:  # Adam mean_of_squares, bufferless: slots 2, 3, 4 are m, v, max v
-        m = _load(table_ptr, 2, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
-        v = _load(table_ptr, 3, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
+        m = _load(s2, offs, in_bounds, DTYPE, EVEN)
+        v = _load(s3, offs, in_bounds, DTYPE, EVEN)
         coupled = weight_decay
         if DECOUPLED:
             coupled = weight_decay * 0.0  # decoupled decay is applied on the move instead
         p = zero
         if last | (has_grad & (coupled != 0.0)):
-            p = _load(table_ptr, 0, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
+            p = _load(p_addr, offs, in_bounds, DTYPE, EVEN)
         if has_grad:
             decay = coupled * p
             if first:
@@ -113,30 +130,31 @@ def _fold_block(table_ptr, t, n_tensors, offs, in_bounds, has_grad, first, last,
                 e = g * w_est
                 m = m + (1.0 - beta1) * w_win * g
                 v = v + (1.0 - beta2) / k * e * (e + 2.0 * decay)
-            _store(table_ptr, 2, t, n_tensors, offs, in_bounds, m, DTYPE, EVEN)
-            _store(table_ptr, 3, t, n_tensors, offs, in_bounds, v, DTYPE, EVEN)
+            _store(s2, offs, in_bounds, m, DTYPE, EVEN)
+            _store(s3, offs, in_bounds, v, DTYPE, EVEN)
         if last:
-            p = _adam_move(table_ptr, t, n_tensors, offs, in_bounds, p, m, v, 4, c, lr, log2_beta1,
-                           log2_beta2, eps, weight_decay, DTYPE, DECOUPLED, AMSGRAD, EVEN)
-            _store(table_ptr, 0, t, n_tensors, offs, in_bounds, p, DTYPE, EVEN)
+            p = _adam_move(p, m, v, _addr(table_ptr, 4, t, n_tensors), offs, in_bounds, c, lr,
+                           log2_beta1, log2_beta2, eps, weight_decay, DTYPE, DECOUPLED, AMSGRAD,
+                           EVEN)
+            _store(p_addr, offs, in_bounds, p, DTYPE, EVEN)
     else:  # exact variants: slot 2 is the accumulator of Ḡ
         acc = zero
         if has_grad:
             acc = g * w_win
             if not first:
-                acc += _load(table_ptr, 2, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
+                acc += _load(s2, offs, in_bounds, DTYPE, EVEN)
             if not last:  # on the last micro-step Ḡ is used at once, never stored
-                _store(table_ptr, 2, t, n_tensors, offs, in_bounds, acc, DTYPE, EVEN)
+                _store(s2, offs, in_bounds, acc, DTYPE, EVEN)
         else:
-            acc = _load(table_ptr, 2, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
+            acc = _load(s2, offs, in_bounds, DTYPE, EVEN)
         if last:
-            p = _load(table_ptr, 0, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
+            p = _load(p_addr, offs, in_bounds, DTYPE, EVEN)
             if VARIANT == 1:  # SGD with nesterov or momentum = 0: slot 3 is the buffer
                 d = acc + weight_decay * p
                 if MOMENTUM_BUFFER:
-                    buf = _load(table_ptr, 3, t, n_tensors, offs, in_bounds, DTYPE, EVEN)
-                    buf = tl.where(fresh, d, momentum * buf + (1.0 - dampening) * d)
-                    _store(table_ptr, 3, t, n_tensors, offs, in_bounds, buf, DTYPE, EVEN)
+                    buf = tl.where(fresh, d, momentum * _load(s3, offs, in_bounds, DTYPE, EVEN)
+                                   + (1.0 - dampening) * d)
+                    _store(s3, offs, in_bounds, buf, DTYPE, EVEN)
                     if NESTEROV:
                         d = d + momentum * buf
                     else:
@@ -146,25 +164,28 @@ def _fold_block(table_ptr, t, n_tensors, offs, in_bounds, has_grad, first, last,
                 mean = acc
                 if not DECOUPLED:
                     mean = acc + weight_decay * p
-                m = beta1 * _load(table_ptr, 3, t, n_tensors, offs, in_bounds, DTYPE, EVEN) + (1.0 - beta1) * mean
-                v = beta2 * _load(table_ptr, 4, t, n_tensors, offs, in_bounds, DTYPE, EVEN) + (1.0 - beta2) * mean * mean
-                _store(table_ptr, 3, t, n_tensors, offs, in_bounds, m, DTYPE, EVEN)
-                _store(table_ptr, 4, t, n_tensors, offs, in_bounds, v, DTYPE, EVEN)
-                p = _adam_move(table_ptr, t, n_tensors, offs, in_bounds, p, m, v, 5, c, lr, log2_beta1,
-                               log2_beta2, eps, weight_decay, DTYPE, DECOUPLED, AMSGRAD, EVEN)
-            _store(table_ptr, 0, t, n_tensors, offs, in_bounds, p, DTYPE, EVEN)
+                s4 = _addr(table_ptr, 4, t, n_tensors)
+                m = beta1 * _load(s3, offs, in_bounds, DTYPE, EVEN) + (1.0 - beta1) * mean
+                v = beta2 * _load(s4, offs, in_bounds, DTYPE, EVEN) + (1.0 - beta2) * mean * mean
+                _store(s3, offs, in_bounds, m, DTYPE, EVEN)
+                _store(s4, offs, in_bounds, v, DTYPE, EVEN)
+                p = _adam_move(p, m, v, _addr(table_ptr, 5, t, n_tensors), offs, in_bounds, c,
+                               lr, log2_beta1, log2_beta2, eps, weight_decay, DTYPE, DECOUPLED,
+                               AMSGRAD, EVEN)
+            _store(p_addr, offs, in_bounds, p, DTYPE, EVEN)
 
 
 @triton.jit
 def micro_step_kernel(work_ptr, n_work, numel_ptr, table_ptr, n_tensors, folds_ptr, updates_ptr,
-                      window_ptr, grad_scale_ptr, found_inf_ptr, accum_steps, lr, beta1, beta2,
-                      log2_beta1, log2_beta2, eps, weight_decay, momentum, dampening,
-                      VARIANT: tl.constexpr, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
-                      MEAN: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                      NESTEROV: tl.constexpr, MOMENTUM_BUFFER: tl.constexpr,
-                      HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """One program per (tensor, block) row of the work table."""
+                      window_ptr, grad_scale_ptr, found_inf_ptr, hook_grad_addr, accum_steps,
+                      lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, momentum,
+                      dampening, VARIANT: tl.constexpr, DTYPE: tl.constexpr,
+                      MAXIMIZE: tl.constexpr, MEAN: tl.constexpr, DECOUPLED: tl.constexpr,
+                      AMSGRAD: tl.constexpr, NESTEROV: tl.constexpr,
+                      MOMENTUM_BUFFER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                      HAS_FOUND_INF: tl.constexpr, HOOK: tl.constexpr,
+                      MOVE_UNFOLDED: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (tensor, block) row of the work table; ``n_work`` is its row stride."""
     pid = tl.program_id(0)
     t = tl.load(work_ptr + pid)
     # int64 offsets: a tensor may hold more than 2^31 elements.
@@ -177,9 +198,16 @@ def micro_step_kernel(work_ptr, n_work, numel_ptr, table_ptr, n_tensors, folds_p
     k_steps = tl.where(pos == 0, accum_steps, tl.load(window_ptr + 1))
     last = pos + 1 == k_steps
     folds = tl.load(folds_ptr + t)
-    has_grad = tl.load(table_ptr + n_tensors + t) != 0
-    # Work only where there is a gradient, or an update of a tensor folded earlier in the window.
-    live = has_grad | (last & (folds > 0))
+    if HOOK:
+        grad_addr = hook_grad_addr
+    else:
+        grad_addr = tl.load(table_ptr + n_tensors + t)
+    has_grad = grad_addr > HOOKED
+    # Work where there is a gradient, or to move a tensor folded earlier in the window that got
+    # no gradient now (and was not folded by a hook this micro-step either).
+    live = has_grad
+    if MOVE_UNFOLDED:
+        live = live | (last & (folds > 0) & (grad_addr == 0))
     if HAS_FOUND_INF:
         live = live & (tl.load(found_inf_ptr) == 0.0)
     if live:
@@ -198,12 +226,13 @@ def micro_step_kernel(work_ptr, n_work, numel_ptr, table_ptr, n_tensors, folds_p
             w_win = sign
             w_est = sign * k
         if start + BLOCK <= numel:
-            _fold_block(table_ptr, t, n_tensors, offs, None, has_grad, folds == 0, last,
-                        updates == 0.0, updates + 1.0, w_win, w_est, k, lr, beta1, beta2,
+            _fold_block(table_ptr, t, n_tensors, grad_addr, offs, None, has_grad, folds == 0,
+                        last, updates == 0.0, updates + 1.0, w_win, w_est, k, lr, beta1, beta2,
                         log2_beta1, log2_beta2, eps, weight_decay, momentum, dampening, VARIANT,
                         DTYPE, DECOUPLED, AMSGRAD, NESTEROV, MOMENTUM_BUFFER, True, BLOCK)
         else:
-            _fold_block(table_ptr, t, n_tensors, offs, offs < numel, has_grad, folds == 0, last,
-                        updates == 0.0, updates + 1.0, w_win, w_est, k, lr, beta1, beta2,
-                        log2_beta1, log2_beta2, eps, weight_decay, momentum, dampening, VARIANT,
-                        DTYPE, DECOUPLED, AMSGRAD, NESTEROV, MOMENTUM_BUFFER, False, BLOCK)
+            _fold_block(table_ptr, t, n_tensors, grad_addr, offs, offs < numel, has_grad,
+                        folds == 0, last, updates == 0.0, updates + 1.0, w_win, w_est, k, lr,
+                        beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, momentum,
+                        dampening, VARIANT, DTYPE, DECOUPLED, AMSGRAD, NESTEROV,
+                        MOMENTUM_BUFFER, False, BLOCK)

@@ -5,12 +5,19 @@ import math
 import torch
 import triton.language as tl
 
+from .micro_step import HOOKED as _HOOKED
 from .micro_step import micro_step_kernel
 from .window import window_kernel
 
 BLOCK = 1024          # elements per program: 8 fp32 per thread at 4 warps, two 128-bit accesses
 WINDOW_BLOCK = 256    # tensors per iteration of the bookkeeping kernel
 N_SLOTS = 6           # θ, g and up to four state tensors
+# fold_in_backward: a gradient of at least this many elements is folded by its own launch inside
+# backward; smaller ones are held until step() (or until they add up to STASH_MAX_NUMEL) and
+# folded together, so small parameters do not cost a launch each.
+HOOK_LAUNCH_MIN_NUMEL = 1 << 16
+STASH_MAX_NUMEL = 1 << 22
+HOOKED = _HOOKED.value  # the gradient row's "folded by a hook already"
 KERNEL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -27,7 +34,13 @@ EMPTY_ADDRESS = 16
 
 
 def _addresses(tensors):
-    return [0 if t is None else t.data_ptr() or EMPTY_ADDRESS for t in tensors]
+    return [0 if t is None else t if isinstance(t, int) else t.data_ptr() or EMPTY_ADDRESS
+            for t in tensors]
+
+
+def _kernel_ready(grad):
+    """The gradient itself, or a dense aligned copy when the kernel cannot take it."""
+    return grad if grad is None or isinstance(grad, int) or kernel_can_take(grad) else grad.contiguous()
 
 
 class DeviceWindow:
@@ -35,7 +48,12 @@ class DeviceWindow:
     dtype, and their state tensors in the variant's slot order (None where a slot is unused).
 
     ``folds``, ``updates`` and ``window`` start from the host's bookkeeping and from then on
-    live on the device (see accumopt.kernels.micro_step for what each holds)."""
+    live on the device (see accumopt.kernels.micro_step for what each holds).
+
+    In fold_in_backward mode a micro-step's gradients arrive one by one: ``fold_now`` launches
+    one tensor's fold, ``stash`` holds a small gradient for the step's launch, and ``row`` is
+    the gradient row that launch uses (stashed gradients, HOOKED for the ones already folded).
+    """
 
     def __init__(self, params, slots, folds, updates, window):
         self.params = list(params)
@@ -50,6 +68,9 @@ class DeviceWindow:
         numels = [p.numel() for p in self.params]
         self.numels = torch.tensor(numels, dtype=torch.int64, device=self.device)
         chunks = [math.ceil(numel / BLOCK) for numel in numels]
+        self.chunks = chunks
+        self.first_chunk = [sum(chunks[:t]) for t in range(n)]
+        self.index = {p: t for t, p in enumerate(self.params)}
         work = [[t for t, c in enumerate(chunks) for _ in range(c)],
                 [i for c in chunks for i in range(c)]]
         self.n_work = len(work[0])
@@ -58,6 +79,8 @@ class DeviceWindow:
         self.updates = torch.tensor(updates, dtype=torch.float32, device=self.device)
         self.window = torch.tensor(window, dtype=torch.int32, device=self.device)
         self._grads_alive = []
+        self.row = [None] * n
+        self.stashed_numel = 0
 
     @staticmethod
     def signature(params, slots):
@@ -67,12 +90,12 @@ class DeviceWindow:
         return self._signature == self.signature(params, slots)
 
     def set_grads(self, grads):
-        """Point the gradient row at this micro-step's gradients (0 where None): one
-        host-to-device copy, no sync."""
-        alive = [None if g is None or kernel_can_take(g) else g.contiguous() for g in grads]
-        grads = [g if a is None else a for g, a in zip(grads, alive)]
-        # Copies of gradients the kernel could not take must live until it has read them.
-        self._grads_alive = [a for a in alive if a is not None]
+        """Point the gradient row at this micro-step's gradients (0 where None, HOOKED where a
+        hook folded it already): one host-to-device copy, no sync."""
+        grads = [_kernel_ready(g) for g in grads]
+        # Gradients (and copies) the kernel reads must live until it has read them; on CUDA the
+        # stream orders their reuse after it, on the CPU the interpreter runs synchronously.
+        self._grads_alive = grads
         pinned = self.device.type == "cuda"
         row = torch.tensor(_addresses(grads), dtype=torch.int64)
         self.table[1].copy_(row.pin_memory() if pinned else row, non_blocking=pinned)
@@ -85,11 +108,39 @@ class DeviceWindow:
         """(micro_step, window accum_steps, updated, num_updates), read back (a sync)."""
         return tuple(self.window.tolist())
 
-    def launch(self, variant, *, accum_steps, lr, weight_decay, maximize, accum_reduction,
+    def stash(self, t, grad):
+        self.row[t] = grad
+        self.stashed_numel += grad.numel()
+
+    def stashed(self):
+        """The gradient row holding only the stashed gradients (for a flush)."""
+        return [g if torch.is_tensor(g) else None for g in self.row]
+
+    def mark_folded(self, indices):
+        for t in indices:
+            self.row[t] = HOOKED
+        self.stashed_numel = 0
+
+    def end_micro_step(self):
+        self.row = [None] * len(self.params)
+        self.stashed_numel = 0
+
+    def launch(self, variant, grads, *, accum_steps, lr, weight_decay, maximize, accum_reduction,
                beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, dampening=0.0,
                decoupled_weight_decay=False, amsgrad=False, nesterov=False,
-               momentum_buffer=False, grad_scale=None, found_inf=None):
-        """The micro-step kernel over every (tensor, block), then the bookkeeping kernel."""
+               momentum_buffer=False, grad_scale=None, found_inf=None, hook_tensor=None,
+               flush=False):
+        """A micro-step: the fold kernel over every (tensor, block), then the bookkeeping kernel.
+
+        ``grads`` is the bucket's gradient row (a tensor, None or HOOKED per tensor). With
+        ``hook_tensor`` it is that one tensor's gradient and only its blocks run (from a
+        fold_in_backward hook); with ``flush`` only tensors with a gradient run. Neither counts
+        the micro-step: the step's own launch does."""
+        if hook_tensor is None:
+            self.set_grads(grads)
+        else:
+            grads = _kernel_ready(grads)
+            self._grads_alive = [grads]
         def on_device(x):
             return None if x is None else x.to(self.device, torch.float32, non_blocking=True)
 
@@ -97,10 +148,15 @@ class DeviceWindow:
         dummy = self.updates  # stands in for an absent scalar tensor; never read
         scalars = dict(grad_scale_ptr=dummy if grad_scale is None else grad_scale,
                        found_inf_ptr=dummy if found_inf is None else found_inf)
-        if self.n_work:
-            micro_step_kernel[(self.n_work,)](
-                self.work, self.n_work, self.numels, self.table, len(self.params), self.folds,
-                self.updates, self.window, accum_steps=int(accum_steps), lr=float(lr),
+        work, n_programs, hook_grad_addr = self.work, self.n_work, 0
+        if hook_tensor is not None:
+            work = self.work[:, self.first_chunk[hook_tensor]:]
+            n_programs, hook_grad_addr = self.chunks[hook_tensor], _addresses([grads])[0]
+        if n_programs:
+            micro_step_kernel[(n_programs,)](
+                work, self.n_work, self.numels, self.table, len(self.params), self.folds,
+                self.updates, self.window, hook_grad_addr=hook_grad_addr,
+                accum_steps=int(accum_steps), lr=float(lr),
                 beta1=float(beta1), beta2=float(beta2), log2_beta1=_log2(beta1),
                 log2_beta2=_log2(beta2), eps=float(eps), weight_decay=float(weight_decay),
                 momentum=float(momentum), dampening=float(dampening), VARIANT=variant,
@@ -108,7 +164,9 @@ class DeviceWindow:
                 DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
                 NESTEROV=bool(nesterov), MOMENTUM_BUFFER=bool(momentum_buffer),
                 HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                BLOCK=BLOCK, **scalars)
+                HOOK=hook_tensor is not None, MOVE_UNFOLDED=not flush, BLOCK=BLOCK, **scalars)
+        if hook_tensor is not None or flush:
+            return
         window_kernel[(1,)](self.table, len(self.params), self.folds, self.updates, self.window,
                             scalars["found_inf_ptr"], int(accum_steps),
                             HAS_FOUND_INF=found_inf is not None, BLOCK=WINDOW_BLOCK)

@@ -23,7 +23,8 @@ from accumopt.kernels.window import window_kernel
 SIGNATURE = {
     "work_ptr": "*i32", "n_work": "i32", "numel_ptr": "*i64", "table_ptr": "*i64",
     "n_tensors": "i32", "folds_ptr": "*i32", "updates_ptr": "*fp32", "window_ptr": "*i32",
-    "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "accum_steps": "i32", "lr": "fp32",
+    "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "hook_grad_addr": "i64",
+    "accum_steps": "i32", "lr": "fp32",
     "beta1": "fp32", "beta2": "fp32", "log2_beta1": "fp32", "log2_beta2": "fp32", "eps": "fp32",
     "weight_decay": "fp32", "momentum": "fp32", "dampening": "fp32"}
 
@@ -39,12 +40,15 @@ def compile_for_sm90(fn, signature, constexprs):
 
 def main():
     report = {}
+    dtypes = (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16))
     for variant in range(4):
-        for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16)):
+        # Step mode in every dtype, and the fold_in_backward launches (HOOK, a flush) in fp32.
+        for name, dtype, hook, flush in [(n, d, False, False) for n, d in dtypes] + [
+                ("fp32-hook", tl.float32, True, False), ("fp32-flush", tl.float32, False, True)]:
             constexprs = dict(VARIANT=variant, DTYPE=dtype, MAXIMIZE=True, MEAN=True,
                               DECOUPLED=variant % 2 == 0, AMSGRAD=True, NESTEROV=True,
                               MOMENTUM_BUFFER=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
-                              BLOCK=BLOCK)
+                              HOOK=hook, MOVE_UNFOLDED=not flush, BLOCK=BLOCK)
             ptx = compile_for_sm90(micro_step_kernel, SIGNATURE, constexprs).asm["ptx"]
             report[f"{variant}-{name}"] = Counter(re.findall(r"(?:ld|st)\.global[.\w]*", ptx))
     compile_for_sm90(window_kernel, {
