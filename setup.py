@@ -13,5 +13,7 @@ setup(
     package_dir={"accumopt": "accumopt", "accumopt.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     # numpy: Triton's interpreter (TRITON_INTERPRET=1), which the CPU tests run the kernels in.
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "numpy"]},
+    # bench: the plots, and torch-optimi, the peer the suites compare against.
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "numpy"],
+                    "bench": ["matplotlib", "torch-optimi"]},
 )
