@@ -82,6 +82,11 @@ class AccumAdam(AccumOptimizer):
                 if moved:
                     state.pop("grad_accum", None)
 
+    def _window_state(self, group, state):
+        if group["second_moment"] == "mean_of_squares":
+            return [state["exp_avg"], state["exp_avg_sq"]]
+        return [state["grad_accum"]]
+
     # The Triton path: every state tensor allocated up front; the update count lives on the
     # device, and ``step`` is a view of it.
 

@@ -86,6 +86,9 @@ class AccumSGDM(AccumOptimizer):
             if moved:
                 state.pop("grad_accum", None)
 
+    def _window_state(self, group, state):
+        return [state["momentum_buffer"] if _bufferless(group) else state["grad_accum"]]
+
     # The Triton path: the kernels need every state tensor allocated up front, and keep
     # "fresh" (no update yet) as a zero update count on the device.
 

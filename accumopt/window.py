@@ -47,13 +47,16 @@ class AccumOptimizer(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults, *, process_group=None):
-        if process_group is not None:
-            raise NotImplementedError("process_group: distributed windows are not built yet; "
-                                      "pass process_group=None")
         self._hook_handles = []           # fold_in_backward hooks, filled by add_param_group
-        self._hook_group = {}             # parameter -> index of its param group (hook mode)
+        self._group_index = {}            # parameter -> index of its param group
+        self._averager = None             # averages windows across ranks (process_group)
+        if process_group is not None:
+            from .distributed import WindowAverager
+            self._averager = WindowAverager(process_group)
         super().__init__(params, defaults)
         self.process_group = process_group
+        if self._averager is not None:
+            self._averager.check_identical(self._all_params())
         self._micro_step = 0              # good micro-batches folded into the current window
         self._window_accum_steps = None   # the current window's k, read when the window opens
         self._window_open = False         # k read (by a hook or step) and the window not ended
@@ -72,8 +75,8 @@ class AccumOptimizer(Optimizer):
         for key, value in (("_micro_step", 0), ("_window_accum_steps", None),
                            ("_window_open", False), ("_num_updates", 0), ("_updated", False),
                            ("process_group", None), ("_window_known", True),
-                           ("_device_windows", {}), ("_hook_handles", []), ("_hook_group", {}),
-                           ("_hooked", set()), ("_micro_step_cache", {})):
+                           ("_device_windows", {}), ("_hook_handles", []), ("_group_index", {}),
+                           ("_hooked", set()), ("_micro_step_cache", {}), ("_averager", None)):
             self.__dict__.setdefault(key, value)
 
     @property
@@ -122,17 +125,22 @@ class AccumOptimizer(Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         check_backend(filled["backend"], params)
         super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        self._group_index.update((p, index) for p in self.param_groups[index]["params"])
         if filled["fold_in_backward"]:
-            index = len(self.param_groups) - 1
-            self._hook_group.update((p, index) for p in self.param_groups[index]["params"])
             self._hook_handles += register_fold_hooks(self, self.param_groups[index]["params"])
+        if self._averager is not None:
+            self._averager.set_params(self._all_params())
+
+    def _all_params(self):
+        return [p for group in self.param_groups for p in group["params"]]
 
     def remove_hooks(self):
         """Remove the fold_in_backward hooks: gradients then stay in ``.grad``, as without
         accumopt. Call before dropping an optimizer whose parameters live on."""
         for handle in self._hook_handles:
             handle.remove()
-        self._hook_handles, self._hook_group = [], {}
+        self._hook_handles = []
 
     def _check_group(self, group):
         raise NotImplementedError
@@ -177,12 +185,16 @@ class AccumOptimizer(Optimizer):
             return loss
         accum_steps = self._accum_steps_now()
         last = self._micro_step + 1 == accum_steps
+        # With a process group the last micro-step only folds: the move follows the average.
+        move = self._averager is None
         for index, (group, group_grads) in enumerate(zip(self.param_groups, grads)):
             if on_triton[index]:
                 self._triton_micro_step(index, group, group_grads, accum_steps, grad_scale, None)
             else:
                 self._fold_group(group, group["params"], group_grads, accum_steps, last,
-                                 None if grad_scale is None else float(grad_scale))
+                                 None if grad_scale is None else float(grad_scale), move=move)
+        if last and not move:
+            self._average_and_move(accum_steps)
         self._micro_step = 0 if last else self._micro_step + 1
         self._window_open = not last
         self._num_updates += last
@@ -201,8 +213,8 @@ class AccumOptimizer(Optimizer):
         """The fold_in_backward hook: fold ``param``'s finished gradient (moving the parameter
         if this is the window's last micro-step) and free it."""
         grad = param.grad
-        index = self._hook_group.get(param)
-        if grad is None or index is None:
+        index = self._group_index.get(param)
+        if grad is None or index is None or not self.param_groups[index]["fold_in_backward"]:
             return
         group = self.param_groups[index]
         if grad.is_sparse:
@@ -216,10 +228,36 @@ class AccumOptimizer(Optimizer):
         last = self._micro_step + 1 == accum_steps
         if self._runs_triton(index, group):
             self._triton_fold_in_backward(index, group, param, grad, accum_steps)
+        elif self._averager is not None and last:
+            # Fold only; the parameter's bucket goes out as soon as all of it is folded.
+            self._fold_group(group, [param], [grad], accum_steps, last, None, move=False)
+            self._averager.ready(param, self._window_state_of, accum_steps, self._num_updates)
         else:
             self._fold_group(group, [param], [grad], accum_steps, last, None)
         param.grad = None
         self._hooked.add(param)
+
+    def _average_and_move(self, accum_steps):
+        """The update step with a process group: every parameter takes part, so one this rank
+        never folded this window gets a zero-gradient fold (its moments decay as on the others);
+        then the window state is averaged across ranks and every parameter moves."""
+        for group in self.param_groups:
+            unfolded = [p for p in group["params"] if not self.state[p].get("window_folds", 0)]
+            self._fold_group(group, unfolded, [torch.zeros_like(p) for p in unfolded],
+                             accum_steps, True, None, move=False)
+        self._averager.finish(self._all_params(), self._window_state_of, accum_steps,
+                              self._num_updates)
+        for group in self.param_groups:
+            self._fold_group(group, group["params"], [None] * len(group["params"]), accum_steps,
+                             True, None)
+
+    def _window_state_of(self, param):
+        group = self.param_groups[self._group_index[param]]
+        return self._window_state(group, self.state[param])
+
+    def _window_state(self, group, state):
+        """The state tensors that hold a parameter's window: what ranks average."""
+        raise NotImplementedError
 
     def _runs_triton(self, index, group):
         """Whether a group's micro-step runs the Triton kernels: backend "triton", or "auto"
@@ -233,7 +271,8 @@ class AccumOptimizer(Optimizer):
 
     def _kernels_take(self, group):
         params = group["params"]
-        if group["backend"] == "torch" or not params:
+        # A process group runs the torch path: its update averages between fold and move.
+        if group["backend"] == "torch" or not params or self._averager is not None:
             return False
         if group["backend"] == "auto" and not (all(p.is_cuda for p in params)
                                                and triton_can_run(params)):
@@ -309,27 +348,31 @@ class AccumOptimizer(Optimizer):
     def _triton_built(self, window, states):
         """Called once a DeviceWindow is built over ``states`` (Adam ties ``step`` to it)."""
 
-    def _fold_group(self, group, group_params, grads, accum_steps, last, grad_scale):
+    def _fold_group(self, group, group_params, grads, accum_steps, last, grad_scale, move=True):
         """Plan one micro-step of some of a group's parameters (all of them in step(), one in a
-        hook): which fold, which fold first in this window, which move; run it; then advance
-        each parameter's fold count."""
+        hook): which fold, which fold first in this window, which move (none without ``move``);
+        run it; then advance each parameter's fold count."""
+        moves = last and move
+        if self._averager is not None and group["accum_reduction"] == "sum":
+            # Ranks average their windows, so each folds R times its share of the window sum.
+            grad_scale = (1.0 if grad_scale is None else grad_scale) / self._averager.world_size
         params, planned_grads, first = [], [], []
         for param, grad in zip(group_params, grads):
             folds = self.state[param].get("window_folds", 0)
             # A parameter with no gradient now still moves on the last micro-step if it got
             # gradients earlier in the window; one with none in the whole window stays put.
-            if grad is None and not (last and folds):
+            if grad is None and not (moves and folds):
                 continue
             params.append(param)
             planned_grads.append(grad)
             first.append(folds == 0)
         if not params:
             return
-        self._run_micro_step(group, params, planned_grads, first, [last] * len(params),
-                         accum_steps, grad_scale)
+        self._run_micro_step(group, params, planned_grads, first, [moves] * len(params),
+                             accum_steps, grad_scale)
         for param in params:
             state = self.state[param]
-            if last:
+            if moves:
                 state.pop("window_folds", None)
             else:
                 state["window_folds"] = state.get("window_folds", 0) + 1

@@ -79,12 +79,15 @@ def snapshot(params, opt):
 
 
 def su_mean_of_squares(init, schedule, accum_steps, *, lr, betas, eps, weight_decay,
-                       decoupled_weight_decay, amsgrad, maximize, reduction="mean", start=None):
+                       decoupled_weight_decay, amsgrad, maximize, reduction="mean", start=None,
+                       skip_untouched=True):
     """Su's rule per window c, written out in float64 from the design contract:
     ĝ_t = k·w·g_t (0 where missing), coupled decay d_t = ĝ_t + λθ;
     m ← β1·m + (1-β1)·mean_t d_t; v ← β2·v + (1-β2)·mean_t d_t²;
     θ ← θ(1 - lr·λ) if decoupled; θ ← θ - lr/(1-β1^c) · m / (√v̂ /√(1-β2^c) + eps).
-    ``start``: (θ, m, v, max v, update counts) to continue from, default a fresh start."""
+    ``start``: (θ, m, v, max v, update counts) to continue from, default a fresh start.
+    ``skip_untouched=False`` updates a parameter with no gradient in a window too (on zeros),
+    as DDP's unused parameters are."""
     beta1, beta2 = betas
     k = accum_steps
     theta = [p.clone().double() for p in init]
@@ -98,7 +101,7 @@ def su_mean_of_squares(init, schedule, accum_steps, *, lr, betas, eps, weight_de
     out = []
     for window in windows_of(schedule, k):
         for i in range(len(theta)):
-            if all(row[i] is None for row in window):
+            if skip_untouched and all(row[i] is None for row in window):
                 continue
             estimates = []
             for row in window:

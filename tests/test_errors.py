@@ -106,6 +106,6 @@ def test_accum_steps_set_bad_between_windows_is_refused_and_changes_nothing():
     assert_unchanged(before, snapshot([a, b], opt))
 
 
-def test_distributed_windows_refuse_clearly_until_built():
-    with pytest.raises(NotImplementedError, match="process_group"):
+def test_process_group_without_torch_distributed_names_it():
+    with pytest.raises(ValueError, match="process_group"):
         AccumAdam([param()], process_group=object())

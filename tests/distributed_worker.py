@@ -1,0 +1,110 @@
+"""What each rank of test_distributed.py runs (in its own process, gloo on loopback)."""
+import os
+
+import torch
+import torch.distributed as dist
+
+from accumopt import AccumAdam, AccumAdamW, AccumSGDM
+
+SHAPES = [(3, 2), (5,), (4,)]
+K, WINDOWS = 2, 2
+SCENARIOS = {
+    "sgdm": (AccumSGDM, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.1)),
+    "sgdm-sum": (AccumSGDM, dict(lr=0.1, momentum=0.9, accum_reduction="sum")),
+    "sgd-nesterov": (AccumSGDM, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    "adam-mean_of_squares": (AccumAdam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    "adamw-mean_of_squares-sum": (AccumAdamW, dict(lr=1e-2, accum_reduction="sum")),
+    "adamw-square_of_mean": (AccumAdamW, dict(lr=1e-2, second_moment="square_of_mean")),
+}
+
+
+def schedule(world_size, seed=0):
+    """grads[window][rank][t][i]: parameter i's gradient on rank's micro-step t, or None.
+    Parameter 2 gets no gradient anywhere in window 0 (DDP's unused parameter)."""
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = []
+    for w in range(WINDOWS):
+        grads.append([[[None if (i == 2 and w == 0) or (i == 1 and (r + t) % 3 == 1)
+                        else torch.randn(s, generator=gen, dtype=torch.float64)
+                        for i, s in enumerate(SHAPES)] for t in range(K)]
+                      for r in range(world_size)])
+    return init, grads
+
+
+def run_scenario(rank, world_size, cls, kwargs, hook):
+    init, grads = schedule(world_size)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = cls(params, accum_steps=K, fold_in_backward=hook, process_group=dist.group.WORLD,
+              **kwargs)
+    snapshots = []
+    for w in range(WINDOWS):
+        for t in range(K):
+            row = grads[w][rank][t]
+            loss = sum((p * g).sum() for p, g in zip(params, row) if g is not None)
+            if torch.is_tensor(loss):
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert opt.updated
+        snapshots.append([p.detach().clone() for p in params])
+    opt.remove_hooks()
+    return snapshots
+
+
+def run_ddp(rank, world_size):
+    """DDP with every micro-step under no_sync(): the optimizer averages the window."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    model = model.double()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = AccumAdamW(ddp.parameters(), lr=1e-2, accum_steps=K, second_moment="square_of_mean",
+                     process_group=dist.group.WORLD)
+    for x, y in ddp_batches(world_size)[rank]:
+        with ddp.no_sync():
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def ddp_batches(world_size):
+    gen = torch.Generator().manual_seed(5)
+    return [[(torch.randn(3, 4, generator=gen, dtype=torch.float64),
+              torch.randn(3, 2, generator=gen, dtype=torch.float64))
+             for _ in range(K * WINDOWS)] for _ in range(world_size)]
+
+
+def expect_error(fn):
+    try:
+        fn()
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def worker(rank, world_size, port, out_dir):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    results = {}
+    for name, (cls, kwargs) in SCENARIOS.items():
+        for hook in (False, True):
+            results[(name, hook)] = run_scenario(rank, world_size, cls, kwargs, hook)
+    results["ddp"] = run_ddp(rank, world_size)
+
+    def mismatched_accum_steps():
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = AccumSGDM([p], accum_steps=2 + rank, process_group=dist.group.WORLD)
+        for _ in range(2 + rank):
+            p.grad = torch.ones(3)
+            opt.step()
+    results["mismatched accum_steps"] = expect_error(mismatched_accum_steps)
+
+    def different_params():
+        AccumSGDM([torch.nn.Parameter(torch.full((3,), float(rank)))],
+                  process_group=dist.group.WORLD)
+    results["different params"] = expect_error(different_params)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
