@@ -61,7 +61,8 @@ class AccumSGDM(AccumOptimizer):
             # first step copies the gradient in without dampening).
             for p, state, is_first in zip(params, states, first):
                 if is_first and state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
                     state["momentum_fresh"] = True
             fresh = [state.get("momentum_fresh", False) for state in states]
             sgdm_micro_step([as_real(p) for p in params], [as_real(g) for g in grads],

@@ -39,7 +39,8 @@ def check_accum_steps(value):
 
 def check_choice(name, value, choices):
     if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
+        allowed = ", ".join(map(repr, choices))
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {allowed})")
 
 
 def check_bool(name, value):

@@ -1,2 +1,1 @@
-"""accumopt's benchmarks. ``kernel_bandwidth`` measures the Triton micro-step kernels against a
-device-to-device copy and torch.optim.AdamW(fused=True); the full suite has its own issue."""
+"""accumopt's benchmark suite: ``python -m benchmarks`` (see benchmarks/__main__.py)."""

@@ -65,13 +65,3 @@ def markdown_table(rows, columns):
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
-
-def pivot(records, row_key, col_key, fmt):
-    """A table with a row per ``row_key`` value and a column per ``col_key`` value."""
-    rows, cols = {}, []
-    for r in records:
-        col = r[col_key]
-        if col not in cols:
-            cols.append(col)
-        rows.setdefault(r[row_key], {row_key: r[row_key]})[col] = fmt(r["value"])
-    return markdown_table(list(rows.values()), [row_key] + cols)

@@ -40,7 +40,9 @@ def _addresses(tensors):
 
 def _kernel_ready(grad):
     """The gradient itself, or a dense aligned copy when the kernel cannot take it."""
-    return grad if grad is None or isinstance(grad, int) or kernel_can_take(grad) else grad.contiguous()
+    if grad is None or isinstance(grad, int) or kernel_can_take(grad):
+        return grad
+    return grad.contiguous()
 
 
 class DeviceWindow:

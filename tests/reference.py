@@ -49,7 +49,8 @@ def run_accum(opt_cls, init, schedule, accum_steps, **kwargs):
         assert opt.updated == last, f"micro-step {t}: updated={opt.updated}, expected {last}"
         if not last:
             for i, (p, b) in enumerate(zip(params, before)):
-                assert torch.equal(p.detach(), b), f"param {i} moved inside a window at micro-step {t}"
+                assert torch.equal(p.detach(), b), \
+                    f"param {i} moved inside a window at micro-step {t}"
         else:
             snapshots.append(snapshot(params, opt))
         opt.zero_grad()

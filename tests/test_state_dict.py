@@ -147,7 +147,8 @@ def test_state_at_boundary_has_torch_keys_only():
         params = [torch.nn.Parameter(init[0].clone())]
         opt = cls(params, accum_steps=K, **kwargs)
         feed(opt, params, schedule)
-        assert set(opt.state[params[0]]) == keys, (cls.__name__, kwargs, opt.state[params[0]].keys())
+        got = set(opt.state[params[0]])
+        assert got == keys, (cls.__name__, kwargs, got)
 
 
 def test_load_rejects_a_window_position_outside_its_window():

@@ -19,7 +19,7 @@ def micro_batch_weights(accum_steps, accum_reduction, maximize, grad_scale=None)
     """Return (window_weight, estimate_weight): the factors taking a raw gradient g_t to its
     share w·g_t of the window gradient and to its estimate ĝ_t of the window gradient."""
     sign = -1.0 if maximize else 1.0
-    # Dividing by the scale here folds GradScaler's unscale into the fold itself: no pass of its own.
+    # Dividing by the scale here folds GradScaler's unscale into the fold: no pass of its own.
     unscale = 1.0 if grad_scale is None else 1.0 / grad_scale
     if accum_reduction == "mean":
         return sign * unscale / accum_steps, sign * unscale
