@@ -166,3 +166,30 @@ def test_closure_is_called_with_grad_enabled():
 
     assert opt.step(closure).item() == 2.0
     torch.testing.assert_close(p.detach(), torch.full((2,), 0.8))
+
+
+def test_lr_scheduler_gated_on_updated_matches_torch_stepped_per_window():
+    """The README's loop: a torch LR scheduler stepped when ``opt.updated`` gives torch.optim's
+    run with the scheduler stepped once per window."""
+    init, schedule = make_problem(4, [(3,), (2, 2)], 1, 12, 0.0)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = AccumAdamW(params, lr=0.1, accum_steps=3, second_moment="square_of_mean")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for row in schedule:
+        for p, g in zip(params, row):
+            p.grad = g
+        opt.step()
+        opt.zero_grad()
+        if opt.updated:
+            sched.step()
+    ref = [torch.nn.Parameter(p.clone()) for p in init]
+    ropt = torch.optim.AdamW(ref, lr=0.1)
+    rsched = torch.optim.lr_scheduler.StepLR(ropt, step_size=1, gamma=0.5)
+    for w in range(4):
+        for i, p in enumerate(ref):
+            p.grad = window_gradient(schedule[3 * w:3 * w + 3], i, "mean")
+        ropt.step()
+        rsched.step()
+    assert opt.param_groups[0]["lr"] == ropt.param_groups[0]["lr"] == 0.1 * 0.5 ** 4
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
