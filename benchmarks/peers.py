@@ -14,6 +14,20 @@ def optimi():
 MISSING = "torch-optimi is not installed here: its rows are skipped"
 
 
+def guarded(is_peer, results, suite, progress, label, fn):
+    """``fn()``; if it fails for the peer, a note replaces its rows (returns None). A failure of
+    accumopt's own rows, or torch's, is raised."""
+    try:
+        return fn()
+    except Exception as err:
+        if not is_peer:
+            raise
+        results.note(suite, f"torch-optimi failed ({type(err).__name__}: {err}); "
+                            f"its rows are skipped")
+        progress.advance(f"{suite}: {label} (failed)")
+        return None
+
+
 class OptimiAccumulation:
     """optimi.AdamW(gradient_release=True) with ``optimizer_accumulation`` set on every
     micro-step but each window's last: the hooks fold each micro-batch gradient into the moments

@@ -114,15 +114,12 @@ def run(device, quick, results, progress):
     case = (f"stdlib bytes, {config['n_layer']}x{config['d_model']} GPT, "
             f"k={hp['k']} x {hp['batch']}x{config['n_ctx']}, {hp['windows']} windows")
     for impl in impls():
-        try:
-            curve, val = train_one(impl, config, hp, tokens[:split], tokens[split:], device)
-        except Exception as err:  # a peer that fails is skipped, ours never are
-            if impl != "torch-optimi accumulation":
-                raise
-            results.note(SUITE, f"torch-optimi failed ({type(err).__name__}: {err}); "
-                                f"its rows are skipped")
-            progress.advance(f"{SUITE}: {impl} (failed)")
+        outcome = peers.guarded(impl == "torch-optimi accumulation", results, SUITE, progress,
+                             impl, lambda: train_one(impl, config, hp, tokens[:split],
+                                                     tokens[split:], device))
+        if outcome is None:
             continue
+        curve, val = outcome
         for window, loss in enumerate(curve):
             results.add(SUITE, f"window {window + 1}", impl, "train_loss", loss, "nats")
         results.add(SUITE, case, impl, "final_val_loss", val, "nats")

@@ -88,6 +88,11 @@ def _optimi(device):
     return make
 
 
+def _warm(fold_update):
+    fold_update[0]()
+    return fold_update
+
+
 def run(device, quick, results, progress):
     if peers.optimi() is None:
         results.note(SUITE, peers.MISSING)
@@ -101,16 +106,11 @@ def run(device, quick, results, progress):
             params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
             for p in params:
                 p.grad = torch.randn_like(p)
-            try:
-                fold, update = make(params)
-                fold()
-            except Exception as err:  # a peer that fails here is skipped, ours never are
-                if family != "optimi":
-                    raise
-                results.note(SUITE, f"torch-optimi failed ({type(err).__name__}: {err}); "
-                                    f"its rows are skipped")
-                progress.advance(f"{SUITE}: {case} {name} {variant} (failed)")
+            made = peers.guarded(family == "optimi", results, SUITE, progress,
+                                 f"{case} {name} {variant}", lambda: _warm(make(params)))
+            if made is None:
                 continue
+            fold, update = made
             fold_bytes, update_bytes = BYTES[variant][family]
             for what, fn, nbytes in (("fold", fold, fold_bytes), ("update", update, update_bytes)):
                 ms = median_ms(fn, device)

@@ -55,16 +55,11 @@ def run(device, quick, results, progress):
         params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p)
-        try:
-            fold, update = make(params)
-            fold()
-        except Exception as err:  # a peer that fails here is skipped, ours never are
-            if name != "torch-optimi":
-                raise
-            results.note(SUITE, f"torch-optimi failed ({type(err).__name__}: {err}); "
-                                f"its rows are skipped")
-            progress.advance(f"{SUITE}: {name} (failed)")
+        made = peers.guarded(name == "torch-optimi", results, SUITE, progress, name,
+                             lambda: make(params))
+        if made is None:
             continue
+        fold, update = made
         walls = {}
         for what, fn in (("fold", fold), ("update", update)):
             walls[what] = wall_ms(fn, device, reps=20 if device == "cuda" else 3)

@@ -91,15 +91,11 @@ def run(device, quick, results, progress):
     case = f"{'gpt2-124M' if not config else 'gpt-tiny'} k={K} {batch}x{seq}"
     rows = {}
     for impl in impls():
-        try:
-            rows[impl] = row = train_one(impl, config, data, device)
-        except Exception as err:  # a peer that fails is skipped, ours never are
-            if impl != "torch-optimi accumulation":
-                raise
-            results.note(SUITE, f"torch-optimi failed ({type(err).__name__}: {err}); "
-                                f"its rows are skipped")
-            progress.advance(f"{SUITE}: {impl} (failed)")
+        row = peers.guarded(impl == "torch-optimi accumulation", results, SUITE, progress,
+                            impl, lambda: train_one(impl, config, data, device))
+        if row is None:
             continue
+        rows[impl] = row
         if row["peak"] is not None:
             results.add(SUITE, case, impl, "peak_memory", row["peak"] / 2 ** 30, "GiB")
         results.add(SUITE, case, impl, "tokens_per_s", row["tokens_per_s"], "tokens/s")
