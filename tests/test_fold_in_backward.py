@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from accumopt import AccumAdam, AccumAdamW, AccumSGDM
-from reference import make_problem, window_gradient, windows_of
+from reference import make_problem
 
 K = 3
 VARIANTS = [
@@ -183,8 +183,9 @@ def test_grad_scaler_is_refused_naming_it_and_recommending_bf16():
 
 def test_a_second_backward_before_step_is_refused():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = AccumSGDM([p], accum_steps=2, fold_in_backward=True)
+    opt = AccumSGDM([p], accum_steps=2, fold_in_backward=True)  # alive: hooks hold it weakly
     (p * 2).sum().backward()
+    assert opt.micro_step == 0 and p.grad is None
     with pytest.raises(RuntimeError, match="step"):
         (p * 3).sum().backward()
 
