@@ -56,3 +56,47 @@ def check_window_args(group):
     check_choice("accum_reduction", group["accum_reduction"], ACCUM_REDUCTIONS)
     check_bool("maximize", group["maximize"])
     check_bool("fold_in_backward", group["fold_in_backward"])
+    check_torch_flags(group)
+
+
+# Options whose value is a choice of how this process runs, not part of the training state: a
+# checkpoint never overrides them (a Triton checkpoint must load on a CPU machine, a step-mode
+# one must not turn fold_in_backward's memory saving off).
+RUNTIME_OPTIONS = ("backend", "fold_in_backward", "foreach", "fused", "capturable",
+                   "differentiable")
+
+
+def check_optional_bool(name, value):
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (must be None, True or False)")
+
+
+def check_torch_flags(group):
+    """torch.optim's own flags, with torch's meaning where one applies: ``foreach`` picks the
+    torch path's multi-tensor form, ``fused=True`` the Triton kernels; ``capturable`` and
+    ``differentiable`` are accepted as False."""
+    check_optional_bool("foreach", group["foreach"])
+    check_optional_bool("fused", group["fused"])
+    check_bool("capturable", group["capturable"])
+    check_bool("differentiable", group["differentiable"])
+    if group["fused"] and group["backend"] == "torch":
+        raise ValueError("Invalid fused: True asks for the Triton kernels, but backend='torch' "
+                         "never runs them (use backend='auto' or 'triton', or fused=None)")
+    if group["capturable"]:
+        raise ValueError("Invalid capturable: True is not supported (a step() is not CUDA-graph "
+                         "capturable: it copies gradient addresses from the host). The Triton "
+                         "path already keeps its window counters and Adam's step on the device; "
+                         "use capturable=False")
+    if group["differentiable"]:
+        raise ValueError("Invalid differentiable: True is not supported (accumopt's step folds "
+                         "gradients in place under no_grad); use differentiable=False")
+
+
+def check_nonnegative_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 0)")
+
+
+def as_float(value):
+    """A hyperparameter as a Python float (a one-element Tensor lr included)."""
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)

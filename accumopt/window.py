@@ -3,29 +3,46 @@
 A window is ``accum_steps`` good micro-batches. :class:`AccumOptimizer` counts them, decides per
 parameter whether a micro-step is its first fold of the window (decay the moments) and whether
 the window ends (move the parameter), takes GradScaler's scale and drop decision, and keeps all
-of it in the state_dict. The subclasses only turn a planned micro-step into a call of their math.
+of it in the state_dict, in copies and in pickles. The subclasses only turn a planned micro-step
+into a call of their math.
 
-On the torch path the per-parameter bookkeeping lives in the parameter's state: ``window_folds``
-counts the micro-steps folded into it in the current window and is absent at a window boundary,
-so the state at a boundary has exactly torch.optim's keys.
+Per-parameter state holds torch.optim's keys and, beside them, the window's: ``window_folds``
+(micro-steps folded into the parameter in the current window, 0 at a boundary) and whatever
+the variant folds into besides torch's moments (an exact variant's ``grad_accum``, SGD's
+``momentum_fresh``). Every key exists from a parameter's first fold on, so a state_dict has the
+same per-parameter keys at every window position.
 
 With ``fold_in_backward`` the micro-step's folds happen inside backward, one parameter at a time
 as autograd finishes its gradient (:mod:`accumopt.backward_hooks`), with the same per-parameter
 plan as step mode; ``step()`` then moves the parameters that got a gradient earlier in the window
-but none now, and advances the window.
+but none now, and advances the window. A state_dict (or copy) taken between backward and
+``step()`` holds the folds already made; the ``step()`` that follows, on the same optimizer or on
+one resumed from it, completes the micro-step.
 
-On the Triton path the same bookkeeping lives on the device, in one
+On the Triton path the per-parameter counters live on the device, in one
 :class:`accumopt.kernels.DeviceWindow` per bucket (a group's tensors of one device and dtype), so
 that a GradScaler can drop a micro-batch without a host sync. The host keeps a mirror of the
 window position while it can know it; after a step whose drop only the device knows, reading
-``updated``, ``num_updates`` or ``micro_step`` syncs it back.
+``updated``, ``num_updates`` or ``micro_step`` syncs it back. A DeviceWindow's counters are
+written back into the host state whenever it is retired (its tensors changed, its group moved to
+the torch path) and into every state_dict and copy.
 """
+import copy
+from collections import defaultdict
+import numbers
+
 import torch
 from torch.optim import Optimizer
 
+from . import backward_hooks
 from .backend import check_backend, triton_can_run
-from .backward_hooks import register_fold_hooks
-from .validation import check_accum_steps, check_window_args
+from .validation import (RUNTIME_OPTIONS, check_accum_steps, check_nonnegative_int,
+                         check_window_args)
+
+_INT32_MAX = 2 ** 31 - 1
+# The gradient row's marks (accumopt.kernels.micro_step): folded by a hook this micro-step (and
+# moved on the last), and folded for an export without moving.
+HOOKED, FOLDED = 1, 2
 
 
 class AccumOptimizer(Optimizer):
@@ -33,30 +50,43 @@ class AccumOptimizer(Optimizer):
     update every ``accum_steps`` of them.
 
     Subclasses define ``_check_group(group)`` for their own hyperparameters,
+    ``_init_state(group, param, state)`` (fill in every state key the variant keeps; idempotent),
+    ``_check_state(group, param, entry)`` (validate a loaded entry),
     ``_run_micro_step(group, params, grads, first, update, accum_steps, grad_scale)``, which folds
     ``grads`` (None: update-only) into the state of ``params`` and moves those with ``update``,
-    and for the Triton path ``_triton_slots(group, param, state)`` (allocate the state, return
-    the variant's slot tensors), ``_triton_initial_updates(state)``,
-    ``_triton_launch(group, window, grads, accum_steps, grad_scale, found_inf, **launch)``
-    (``launch``: DeviceWindow.launch's ``hook_tensor`` / ``flush``) and
-    ``_triton_export(group, entry, folds, updates)`` (shape a state_dict entry).
+    ``_window_state(group, state)`` (the tensors ranks average), and for the Triton path
+    ``_triton_slots(group, state)`` (the variant's slot tensors), ``_triton_initial_updates(
+    group, state)``, ``_triton_state(group, updates)`` (the host state keys the device's update
+    count stands for) and ``_triton_launch(group, window, grads, accum_steps, grad_scale,
+    found_inf, **launch)`` (``launch``: DeviceWindow.launch's ``hook_tensor`` / ``flush``).
+    ``_fixed_options`` are group options the class forces whatever it is given or loads.
     """
 
     # step() unscales by GradScaler's grad_scale while folding and drops a micro-batch on its
     # found_inf, so GradScaler hands both over instead of unscaling and skipping itself.
     _step_supports_amp_scaling = True
+    _fixed_options = {}
 
     def __init__(self, params, defaults, *, process_group=None):
         self._hook_handles = []           # fold_in_backward hooks, filled by add_param_group
+        backward_hooks.release_on_collect(self, self._hook_handles)
         self._group_index = {}            # parameter -> index of its param group
         self._averager = None             # averages windows across ranks (process_group)
         if process_group is not None:
             from .distributed import WindowAverager
             self._averager = WindowAverager(process_group)
-        super().__init__(params, defaults)
+        self._init_transient()
+        try:
+            super().__init__(params, defaults)
+        except BaseException:
+            self.remove_hooks()
+            raise
         self.process_group = process_group
         if self._averager is not None:
             self._averager.check_identical(self._all_params())
+
+    def _init_transient(self):
+        """The window position and the caches: what a copy or a load sets afresh."""
         self._micro_step = 0              # good micro-batches folded into the current window
         self._window_accum_steps = None   # the current window's k, read when the window opens
         self._window_open = False         # k read (by a hook or step) and the window not ended
@@ -67,17 +97,61 @@ class AccumOptimizer(Optimizer):
         self._hooked = set()              # parameters hooks folded in this micro-step
         self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
 
+    # ----- copies and pickles -----------------------------------------------------------------
+
+    def __getstate__(self):
+        """torch.optim's pickled state plus the window position; the per-parameter state as
+        state_dict() shapes it (device counters written in, a pending stash folded)."""
+        self._sync_window()
+        self._flush_stashes()
+        overrides = self._device_state()
+        state = {p: {**entry, **overrides.get(p, {})} for p, entry in self.state.items()}
+        return {"defaults": self.defaults, "state": state, "param_groups": self.param_groups,
+                "accum": self._position(), "accum_hooked": list(self._hooked),
+                "process_group": self.process_group}
+
+    def __deepcopy__(self, memo):
+        # A process group is shared by the copy, never copied.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
     def __setstate__(self, state):
+        state = dict(state)
+        position = state.pop("accum", None)
+        hooked = state.pop("accum_hooked", ())
+        process_group = state.pop("process_group", None)
         super().__setstate__(state)
+        state_of = self.state
+        self.state = defaultdict(dict)
+        self.state.update(state_of)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        for key, value in (("_micro_step", 0), ("_window_accum_steps", None),
-                           ("_window_open", False), ("_num_updates", 0), ("_updated", False),
-                           ("process_group", None), ("_window_known", True),
-                           ("_device_windows", {}), ("_hook_handles", []), ("_group_index", {}),
-                           ("_hooked", set()), ("_micro_step_cache", {}), ("_averager", None)):
-            self.__dict__.setdefault(key, value)
+            group.update(self._fixed_options)
+        self._init_transient()
+        if position is not None:
+            self._set_position(position)
+        self._hooked = set(hooked)
+        self._group_index = {p: i for i, group in enumerate(self.param_groups)
+                             for p in group["params"]}
+        self._hook_handles = []
+        backward_hooks.release_on_collect(self, self._hook_handles)
+        for index, group in enumerate(self.param_groups):
+            if group["fold_in_backward"]:
+                backward_hooks.check_unclaimed(self, group["params"], index)
+                self._hook_handles += backward_hooks.register_fold_hooks(self, group["params"])
+        self.process_group = process_group
+        self._averager = None
+        if process_group is not None:
+            from .distributed import WindowAverager
+            self._averager = WindowAverager(process_group)
+            self._averager.set_params(self._all_params())
+
+    # ----- the window position ------------------------------------------------------------------
 
     @property
     def updated(self):
@@ -96,6 +170,18 @@ class AccumOptimizer(Optimizer):
         """Good micro-batches folded into the current window so far (0 at a boundary)."""
         self._sync_window()
         return self._micro_step
+
+    def _position(self):
+        return {"micro_step": self._micro_step, "window_accum_steps": self._window_accum_steps,
+                "num_updates": self._num_updates, "updated": self._updated}
+
+    def _set_position(self, position):
+        self._micro_step = position["micro_step"]
+        self._window_accum_steps = position["window_accum_steps"]
+        self._num_updates = position["num_updates"]
+        self._updated = position.get("updated", False)
+        self._window_open = self._micro_step > 0
+        self._window_known = True
 
     def _sync_window(self):
         """Read the window position back from the device after steps whose GradScaler drop
@@ -117,58 +203,116 @@ class AccumOptimizer(Optimizer):
             self._window_open = True
         return self._window_accum_steps
 
+    # ----- param groups and hooks ---------------------------------------------------------------
+
     def add_param_group(self, param_group):
-        filled = {**self.defaults, **param_group}
+        filled = {**self.defaults, **param_group, **self._fixed_options}
         check_window_args(filled)
         self._check_group(filled)
         params = param_group["params"]
+        # A generator is read once, here: the group keeps the list.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        check_backend(filled["backend"], params)
-        super().add_param_group(param_group)
-        index = len(self.param_groups) - 1
+        check_backend(self._backend_of(filled), params)
+        index = len(self.param_groups)
+        if filled["fold_in_backward"]:
+            backward_hooks.check_unclaimed(self, params, index)
+        super().add_param_group({**param_group, "params": params, **self._fixed_options})
         self._group_index.update((p, index) for p in self.param_groups[index]["params"])
         if filled["fold_in_backward"]:
-            self._hook_handles += register_fold_hooks(self, self.param_groups[index]["params"])
+            self._hook_handles += backward_hooks.register_fold_hooks(
+                self, self.param_groups[index]["params"])
         if self._averager is not None:
             self._averager.set_params(self._all_params())
+
+    @staticmethod
+    def _backend_of(group):
+        """The group's backend, with torch's ``fused=True`` meaning the Triton kernels."""
+        return "triton" if group.get("fused") else group["backend"]
 
     def _all_params(self):
         return [p for group in self.param_groups for p in group["params"]]
 
     def remove_hooks(self):
         """Remove the fold_in_backward hooks: gradients then stay in ``.grad``, as without
-        accumopt. Call before dropping an optimizer whose parameters live on."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
+        accumopt, and another fold_in_backward optimizer may take the parameters over. A dropped
+        optimizer's hooks are removed when it is collected."""
+        backward_hooks.release(self, self._all_params() if hasattr(self, "param_groups") else [],
+                               self._hook_handles)
+
+    # ----- subclass interface -------------------------------------------------------------------
 
     def _check_group(self, group):
         raise NotImplementedError
 
+    def _init_state(self, group, param, state):
+        raise NotImplementedError
+
+    def _check_state(self, group, param, entry):
+        raise NotImplementedError
+
     def _run_micro_step(self, group, params, grads, first, update, accum_steps, grad_scale):
         raise NotImplementedError
+
+    def _window_state(self, group, state):
+        """The state tensors that hold a parameter's window: what ranks average."""
+        raise NotImplementedError
+
+    def _triton_slots(self, group, state):
+        raise NotImplementedError
+
+    def _triton_initial_updates(self, group, state):
+        raise NotImplementedError
+
+    def _triton_state(self, group, updates):
+        raise NotImplementedError
+
+    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf, **launch):
+        raise NotImplementedError
+
+    def _triton_built(self, window, states):
+        """Called once a DeviceWindow is built over ``states`` (Adam ties ``step`` to it)."""
+
+    # ----- step -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
         """Fold this micro-batch's gradients (those hooks have not folded already); on every
         ``accum_steps``-th call, move the parameters. Sets ``updated`` and, on an update,
         increments ``num_updates``."""
+        try:
+            return self._step(closure)
+        except BaseException:
+            # GradScaler deletes the scale it handed over only after a step() that returned:
+            # never leave it behind for the next micro-batch to be unscaled by again.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [self._group_grads(i, group) for i, group in enumerate(self.param_groups)]
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if self._hook_handles and (found_inf is not None or grad_scale is not None):
             raise RuntimeError(
-                "fold_in_backward=True cannot take GradScaler: the scaled gradients were folded "
-                "inside backward, before GradScaler could find an inf in them. Train with bf16 "
-                "autocast instead (torch.autocast(device_type, dtype=torch.bfloat16)), which "
-                "needs no GradScaler, or use step mode (fold_in_backward=False).")
+                "fold_in_backward=True cannot take GradScaler: its scaled gradients were folded "
+                "inside backward, before GradScaler could unscale them or find an inf. This "
+                "micro-batch's scaled gradients are now in the optimizer's state; nothing else "
+                "changed, and a plain step() completes the micro-step. To train on: restore the "
+                "optimizer from a checkpoint taken before this micro-batch (or build a new one), "
+                "then use bf16 autocast (torch.autocast(device_type, dtype=torch.bfloat16)), "
+                "which needs no GradScaler, or fold_in_backward=False, which handles GradScaler")
+        grads = [self._group_grads(i, group) for i, group in enumerate(self.param_groups)]
         on_triton = [self._runs_triton(i, group) for i, group in enumerate(self.param_groups)]
+        if any(on_triton):
+            self._check_triton_accum_steps()
         if not all(on_triton):
             self._sync_window()
+            for index, runs in enumerate(on_triton):
+                if not runs:
+                    self._retire_device_windows(index)
         if found_inf is not None and all(on_triton):
             # The kernels skip on found_inf and count the window on the device: no sync. The
             # device takes accum_steps from the groups when its window starts.
@@ -218,8 +362,7 @@ class AccumOptimizer(Optimizer):
             return
         group = self.param_groups[index]
         if grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                               f"(a parameter of param group {index} has one)")
+            raise RuntimeError(self._sparse_message(f"a parameter of param group {index}"))
         if param in self._hooked:
             raise RuntimeError("fold_in_backward=True folds one gradient per parameter per "
                                "micro-step: call step() after each backward")
@@ -227,13 +370,17 @@ class AccumOptimizer(Optimizer):
         accum_steps = self._accum_steps_now()
         last = self._micro_step + 1 == accum_steps
         if self._runs_triton(index, group):
+            self._check_triton_accum_steps()
             self._triton_fold_in_backward(index, group, param, grad, accum_steps)
-        elif self._averager is not None and last:
-            # Fold only; the parameter's bucket goes out as soon as all of it is folded.
-            self._fold_group(group, [param], [grad], accum_steps, last, None, move=False)
-            self._averager.ready(param, self._window_state_of, accum_steps, self._num_updates)
         else:
-            self._fold_group(group, [param], [grad], accum_steps, last, None)
+            self._retire_device_windows(index)
+            if self._averager is not None and last:
+                # Fold only; the parameter's bucket goes out as soon as all of it is folded.
+                self._fold_group(group, [param], [grad], accum_steps, last, None, move=False)
+                self._averager.ready(param, self._window_state_of, accum_steps,
+                                     self._num_updates)
+            else:
+                self._fold_group(group, [param], [grad], accum_steps, last, None)
         param.grad = None
         self._hooked.add(param)
 
@@ -242,7 +389,7 @@ class AccumOptimizer(Optimizer):
         never folded this window gets a zero-gradient fold (its moments decay as on the others);
         then the window state is averaged across ranks and every parameter moves."""
         for group in self.param_groups:
-            unfolded = [p for p in group["params"] if not self.state[p].get("window_folds", 0)]
+            unfolded = [p for p in group["params"] if not self._folds(p)]
             self._fold_group(group, unfolded, [torch.zeros_like(p) for p in unfolded],
                              accum_steps, True, None, move=False)
         self._averager.finish(self._all_params(), self._window_state_of, accum_steps,
@@ -255,15 +402,79 @@ class AccumOptimizer(Optimizer):
         group = self.param_groups[self._group_index[param]]
         return self._window_state(group, self.state[param])
 
-    def _window_state(self, group, state):
-        """The state tensors that hold a parameter's window: what ranks average."""
-        raise NotImplementedError
+    def _folds(self, param):
+        state = self.state.get(param)
+        return 0 if state is None else state.get("window_folds", 0)
+
+    def _fold_group(self, group, group_params, grads, accum_steps, last, grad_scale, move=True):
+        """Plan one micro-step of some of a group's parameters (all of them in step(), one in a
+        hook): which fold, which fold first in this window, which move (none without ``move``);
+        run it; then advance each parameter's fold count."""
+        moves = last and move
+        if self._averager is not None and group["accum_reduction"] == "sum":
+            # Ranks average their windows, so each folds R times its share of the window sum.
+            grad_scale = (1.0 if grad_scale is None else grad_scale) / self._averager.world_size
+        params, planned_grads, first = [], [], []
+        for param, grad in zip(group_params, grads):
+            folds = self._folds(param)
+            # A parameter with no gradient now still moves on the last micro-step if it got
+            # gradients earlier in the window; one with none in the whole window stays put.
+            if grad is None and not (moves and folds):
+                continue
+            params.append(param)
+            planned_grads.append(grad)
+            first.append(folds == 0)
+        if not params:
+            return
+        for param in params:
+            self._init_state(group, param, self.state[param])
+        self._run_micro_step(group, params, planned_grads, first, [moves] * len(params),
+                             accum_steps, grad_scale)
+        for param in params:
+            state = self.state[param]
+            state["window_folds"] = 0 if moves else state["window_folds"] + 1
+
+    def _group_grads(self, index, group):
+        grads = []
+        for i, param in enumerate(group["params"]):
+            grad = param.grad
+            if grad is not None and grad.is_sparse:
+                raise RuntimeError(self._sparse_message(f"param {i} of param group {index}"))
+            grads.append(grad)
+        return grads
+
+    def _sparse_message(self, where):
+        return (f"{type(self).__name__} does not support sparse gradients ({where} has one, "
+                f"e.g. from nn.Embedding(sparse=True)): accumopt folds every micro-batch into "
+                f"dense optimizer state, so a sparse gradient would save nothing. Use "
+                f"sparse=False, or give the sparse parameters an optimizer of their own "
+                f"(torch.optim.SparseAdam, or torch.optim.SGD with .grad accumulation)")
+
+    def _read_accum_steps(self):
+        """The k of a window that starts now: every group's ``accum_steps``, which must agree
+        because a window (and ``updated``) spans the whole optimizer."""
+        values = [group["accum_steps"] for group in self.param_groups]
+        for value in values:
+            check_accum_steps(value)
+        if len(set(values)) != 1:
+            raise ValueError(f"Invalid accum_steps: {values} differ between param groups; a "
+                             f"window spans the whole optimizer, so set the same value in each")
+        return values[0]
+
+    def _use_foreach(self, group, params):
+        """The multi-tensor form where torch has native foreach kernels, as torch.optim does,
+        unless the group's ``foreach`` says otherwise."""
+        if group.get("foreach") is not None:
+            return group["foreach"]
+        return all(p.is_cuda for p in params)
+
+    # ----- the Triton path --------------------------------------------------------------------
 
     def _runs_triton(self, index, group):
-        """Whether a group's micro-step runs the Triton kernels: backend "triton", or "auto"
-        with CUDA tensors and Triton installed; and every parameter one the kernels take
-        (anything else, e.g. a non-contiguous or complex parameter, runs the torch path).
-        Worked out once per micro-step."""
+        """Whether a group's micro-step runs the Triton kernels: backend "triton" (or
+        fused=True), or "auto" with CUDA tensors and Triton installed; and every parameter one
+        the kernels take (anything else, e.g. a non-contiguous or complex parameter, runs the
+        torch path). Worked out once per micro-step."""
         key = ("runs_triton", index)
         if key not in self._micro_step_cache:
             self._micro_step_cache[key] = self._kernels_take(group)
@@ -271,14 +482,25 @@ class AccumOptimizer(Optimizer):
 
     def _kernels_take(self, group):
         params = group["params"]
+        backend = self._backend_of(group)
         # A process group runs the torch path: its update averages between fold and move.
-        if group["backend"] == "torch" or not params or self._averager is not None:
+        if backend == "torch" or not params or self._averager is not None:
             return False
-        if group["backend"] == "auto" and not (all(p.is_cuda for p in params)
-                                               and triton_can_run(params)):
+        if backend == "auto" and not (all(p.is_cuda for p in params)
+                                      and triton_can_run(params)):
             return False
         from .kernels import kernel_can_take
         return all(kernel_can_take(p) for p in params)
+
+    def _check_triton_accum_steps(self):
+        """The device counts the window in int32: refuse a larger accum_steps before anything
+        runs."""
+        for group in self.param_groups:
+            if isinstance(group["accum_steps"], numbers.Integral) and \
+                    group["accum_steps"] > _INT32_MAX:
+                raise ValueError(f"Invalid accum_steps: {group['accum_steps']} (the Triton path "
+                                 f"counts windows in int32: at most {_INT32_MAX}; use "
+                                 f"backend='torch' for longer windows)")
 
     def _triton_micro_step(self, index, group, grads, accum_steps, grad_scale, found_inf):
         """One micro-step of a Triton group: per bucket, a launch over the gradients not yet
@@ -303,149 +525,260 @@ class AccumOptimizer(Optimizer):
             return
         window.stash(t, grad)
         if window.stashed_numel >= tables.STASH_MAX_NUMEL:
-            stashed = window.stashed()
-            self._triton_launch(group, window, stashed, accum_steps, None, None, flush=True)
-            window.mark_folded([t for t, g in enumerate(stashed) if g is not None])
+            self._flush_stash(group, window, accum_steps)
+
+    def _flush_stash(self, group, window, accum_steps, fold_only=False):
+        stashed = window.stashed()
+        self._triton_launch(group, window, stashed, accum_steps, None, None, flush=True,
+                            fold_only=fold_only)
+        window.mark_folded([t for t, g in enumerate(stashed) if g is not None],
+                           FOLDED if fold_only else HOOKED)
+
+    def _flush_stashes(self):
+        """Fold every gradient a hook stashed for step() now, without moving any parameter
+        (before a state_dict or copy, which must leave the parameters as they are)."""
+        for (index, *_), window in self._device_windows.items():
+            if window.stashed_numel or any(torch.is_tensor(g) for g in window.row):
+                self._flush_stash(self.param_groups[index], window, self._window_accum_steps,
+                                  fold_only=True)
 
     def _device_window(self, index, group, device, dtype):
         """The DeviceWindow of a bucket, (re)built when its set of tensors changed; checked
-        once per micro-step."""
+        once per micro-step. Before a rebuild the group's windows write their counters back
+        into the host state, so no fold is lost when, e.g., a parameter's storage is replaced
+        mid-window."""
         key = (index, device, dtype)
         window = self._device_windows.get(key)
         if ("window", key) not in self._micro_step_cache:
             params = [p for p in group["params"] if p.device == device and p.dtype == dtype]
             states = [self.state[p] for p in params]
-            slots = list(zip(*[self._triton_slots(group, p, s) for p, s in zip(params, states)]))
+            for p, s in zip(params, states):
+                self._init_state(group, p, s)
+            slots = list(zip(*[self._triton_slots(group, s) for s in states]))
             if window is None or not window.matches(params, slots):
-                window = self._build_device_window(params, states, slots)
+                # Every window of the group is retired (and rebuilt when next used): a tensor
+                # may have moved between buckets, and its counters must come along.
+                self._retire_device_windows(index)
+                for other in [k for k in self._micro_step_cache
+                              if k[0] == "window" and k[1][0] == index]:
+                    del self._micro_step_cache[other]
+                window = self._build_device_window(group, params, states, slots)
                 self._device_windows[key] = window
             self._micro_step_cache[("window", key)] = True
         return window
 
-    def _build_device_window(self, params, states, slots):
+    def _build_device_window(self, group, params, states, slots):
         from .kernels import DeviceWindow
         self._sync_window()
-        folds = [state.pop("window_folds", 0) for state in states]
-        updates = [self._triton_initial_updates(state) for state in states]
+        folds = [state["window_folds"] for state in states]
+        updates = [self._triton_initial_updates(group, state) for state in states]
         window = DeviceWindow(params, slots, folds, updates,
                               (self._micro_step, self._window_accum_steps or 0,
                                int(self._updated), self._num_updates))
         self._triton_built(window, states)
         return window
 
-    def _triton_slots(self, group, param, state):
-        raise NotImplementedError
+    def _window_counters(self, key, window):
+        """Per tensor of a DeviceWindow, the host state its counters stand for (a sync),
+        counting a micro-step that hooks have folded but step() has not yet completed as
+        step mode's hooks do: folded, and on the window's last micro-step moved."""
+        group = self.param_groups[key[0]]
+        folds, updates = window.counters()
+        last = self._window_open and self._micro_step + 1 == self._window_accum_steps
+        out = {}
+        for t, param in enumerate(window.params):
+            f, u = folds[t], updates[t]
+            mark = window.row[t]
+            if isinstance(mark, int) and mark == HOOKED:
+                f, u = (0, u + 1) if last else (f + 1, u)
+            elif isinstance(mark, int) and mark == FOLDED:
+                f += 1
+            out[param] = {"window_folds": int(f), **self._triton_state(group, u)}
+        return out
 
-    def _triton_initial_updates(self, state):
-        raise NotImplementedError
+    def _device_state(self):
+        """The host state every live DeviceWindow's counters stand for, per parameter."""
+        out = {}
+        for key, window in self._device_windows.items():
+            out.update(self._window_counters(key, window))
+        return out
 
-    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf, **launch):
-        raise NotImplementedError
-
-    def _triton_export(self, group, entry, folds, updates):
-        raise NotImplementedError
-
-    def _triton_built(self, window, states):
-        """Called once a DeviceWindow is built over ``states`` (Adam ties ``step`` to it)."""
-
-    def _fold_group(self, group, group_params, grads, accum_steps, last, grad_scale, move=True):
-        """Plan one micro-step of some of a group's parameters (all of them in step(), one in a
-        hook): which fold, which fold first in this window, which move (none without ``move``);
-        run it; then advance each parameter's fold count."""
-        moves = last and move
-        if self._averager is not None and group["accum_reduction"] == "sum":
-            # Ranks average their windows, so each folds R times its share of the window sum.
-            grad_scale = (1.0 if grad_scale is None else grad_scale) / self._averager.world_size
-        params, planned_grads, first = [], [], []
-        for param, grad in zip(group_params, grads):
-            folds = self.state[param].get("window_folds", 0)
-            # A parameter with no gradient now still moves on the last micro-step if it got
-            # gradients earlier in the window; one with none in the whole window stays put.
-            if grad is None and not (moves and folds):
-                continue
-            params.append(param)
-            planned_grads.append(grad)
-            first.append(folds == 0)
-        if not params:
+    def _retire_device_windows(self, index):
+        """Write a group's device counters back into its host state and drop its windows (the
+        torch path, or a rebuilt window, then starts from the host state)."""
+        keys = [key for key in self._device_windows if key[0] == index]
+        if not keys:
             return
-        self._run_micro_step(group, params, planned_grads, first, [moves] * len(params),
-                             accum_steps, grad_scale)
-        for param in params:
-            state = self.state[param]
-            if moves:
-                state.pop("window_folds", None)
-            else:
-                state["window_folds"] = state.get("window_folds", 0) + 1
-
-    def _group_grads(self, index, group):
-        grads = []
-        for i, param in enumerate(group["params"]):
-            grad = param.grad
-            if grad is not None and grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                                   f"(param {i} of param group {index} has one)")
-            grads.append(grad)
-        return grads
-
-    def _read_accum_steps(self):
-        """The k of a window that starts now: every group's ``accum_steps``, which must agree
-        because a window (and ``updated``) spans the whole optimizer."""
-        values = [group["accum_steps"] for group in self.param_groups]
-        for value in values:
-            check_accum_steps(value)
-        if len(set(values)) != 1:
-            raise ValueError(f"Invalid accum_steps: {values} differ between param groups; a "
-                             f"window spans the whole optimizer, so set the same value in each")
-        return values[0]
-
-    def state_dict(self):
-        """torch.optim's state_dict plus the window position under ``"accum"``. Parameters on
-        the Triton path get their device bookkeeping written into their entries (a sync)."""
         self._sync_window()
-        state_dict = super().state_dict()
-        index = {id(p): i for i, p in
-                 enumerate(p for group in self.param_groups for p in group["params"])}
-        for (group_index, *_), window in self._device_windows.items():
-            group = self.param_groups[group_index]
-            for param, folds, updates in zip(window.params, *window.counters()):
-                if index[id(param)] not in state_dict["state"]:
-                    continue
-                entry = dict(state_dict["state"][index[id(param)]])
-                if folds:
-                    entry["window_folds"] = folds
-                self._triton_export(group, entry, folds, updates)
-                state_dict["state"][index[id(param)]] = entry
-        state_dict["accum"] = {"micro_step": self._micro_step,
-                               "window_accum_steps": self._window_accum_steps,
-                               "num_updates": self._num_updates}
+        for key in keys:
+            window = self._device_windows[key]
+            for param, entry in self._window_counters(key, window).items():
+                self.state[param].update(entry)
+            del self._device_windows[key]
+
+    # ----- state_dict ---------------------------------------------------------------------------
+
+    @torch._disable_dynamo
+    def state_dict(self):
+        """torch.optim's state_dict plus the window position under ``"accum"``. Every parameter
+        with state has all of its variant's keys; Triton-path counters are written in (a sync).
+        State-dict hooks see the whole of it."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        self._sync_window()
+        self._flush_stashes()
+        overrides = self._device_state()
+        mapping, param_groups, start = {}, [], 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            mapping.update({id(p): i for i, p in enumerate(group["params"], start)
+                            if id(p) not in mapping})
+            packed["params"] = [mapping[id(p)] for p in group["params"]]
+            start += len(packed["params"])
+            param_groups.append(packed)
+        state = {}
+        for param, entry in self.state.items():
+            if not isinstance(param, torch.Tensor):
+                state[param] = entry
+                continue
+            if entry:
+                self._init_state(self.param_groups[self._group_index[param]], param, entry)
+            state[mapping[id(param)]] = {**entry, **overrides.get(param, {})}
+        state_dict = {"state": state, "param_groups": param_groups, "accum": self._position()}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict):
         """Load an accumopt state_dict (at any micro-step) or a torch.optim one (a window
-        boundary). Hyperparameters a torch.optim state_dict lacks keep their current values."""
-        window = state_dict.get("accum", {"micro_step": 0, "window_accum_steps": None,
-                                          "num_updates": 0})
-        micro_step, window_k = window["micro_step"], window["window_accum_steps"]
-        if micro_step:
-            check_accum_steps(window_k)
-            if not 0 < micro_step < window_k:
-                raise ValueError(f"Invalid state_dict: micro_step {micro_step} is outside a "
-                                 f"window of {window_k}")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) == len(self.param_groups):
-            state_dict = {**state_dict, "param_groups": [
-                {**{key: group[key] for key in self.defaults}, **saved}
-                for group, saved in zip(self.param_groups, saved_groups)]}
-        super().load_state_dict(state_dict)
-        self._micro_step, self._window_accum_steps = micro_step, window_k
-        self._num_updates, self._updated = window["num_updates"], False
-        self._window_open, self._window_known = micro_step > 0, True
-        self._device_windows = {}  # rebuilt from the loaded state on the next step
-        self._micro_step_cache.clear()
+        boundary). Every value is checked as the constructor checks it before anything changes;
+        hyperparameters a torch.optim state_dict lacks keep their current values, and the
+        runtime options (backend, fold_in_backward, fused, foreach, ...) always do."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        position, groups, state = self._prepare_load(state_dict)
+        self.param_groups = groups
+        self.state = state
+        self._init_transient()
+        self._set_position(position)
+        if self._averager is not None:
+            self._averager.set_params(self._all_params())
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
-    def _use_foreach(self, params):
-        """The multi-tensor form where torch has native foreach kernels, as torch.optim does."""
-        return all(p.is_cuda for p in params)
+    def _prepare_load(self, state_dict):
+        """Validate ``state_dict`` and build what load_state_dict installs; raise ValueError
+        (naming what is wrong) before anything changes."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"Invalid state_dict: {type(state_dict).__name__} (must be a dict)")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"Invalid state_dict: it has no {key!r} entry")
+        position = _check_position(state_dict.get("accum"))
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(
+                self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        groups = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"Invalid state_dict: param group {index} is not a dict "
+                                 f"with 'params'")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't "
+                                 "match the size of optimizer's group")
+            new = {**{key: group[key] for key in self.defaults}, **saved}
+            new.update({key: group[key] for key in RUNTIME_OPTIONS if key in group})
+            new.update(self._fixed_options)
+            new["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                new["param_names"] = group["param_names"]
+            try:
+                check_window_args(new)
+                self._check_group(new)
+            except ValueError as error:
+                raise ValueError(f"{error} in param group {index} of the state_dict") from None
+            groups.append(new)
+        if position["micro_step"] or position["window_accum_steps"] is not None:
+            values = {g["accum_steps"] for g in groups}
+            if len(values) != 1:
+                raise ValueError(f"Invalid accum_steps: {sorted(values)} differ between the "
+                                 f"state_dict's param groups")
+        id_map = {}
+        for saved, group in zip(saved_groups, groups):
+            for saved_id, param in zip(saved["params"], group["params"]):
+                id_map[saved_id] = (param, saved, group)
+        state = defaultdict(dict)
+        if not isinstance(state_dict["state"], dict):
+            raise ValueError("Invalid state_dict: its 'state' must be a dict")
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                state[key] = value
+                continue
+            param, saved, group = id_map[key]
+            if not isinstance(value, dict):
+                raise ValueError(f"Invalid state_dict: state {key!r} is not a dict")
+            entry = {}
+            for name, item in value.items():
+                if isinstance(item, torch.Tensor):
+                    item = Optimizer._process_value_according_to_param_policy(
+                        param, item, key, state_dict["param_groups"], name)
+                entry[name] = item
+            if entry:
+                try:
+                    self._check_loaded_entry(group, param, entry, position)
+                except ValueError as error:
+                    raise ValueError(f"Invalid state_dict: state {key!r}: {error}") from None
+            state[param] = entry
+        return position, groups, state
+
+    def _check_loaded_entry(self, group, param, entry, position):
+        folds = entry.setdefault("window_folds", 0)
+        check_nonnegative_int("window_folds", folds)
+        # A state_dict taken between backward and step() in fold_in_backward mode already
+        # holds the pending micro-step's fold.
+        if folds > position["micro_step"] + 1:
+            raise ValueError(f"window_folds {folds} exceeds the window's {position['micro_step']}"
+                             f" micro-steps")
+        self._check_state(group, param, entry)
+        for name, item in entry.items():
+            if isinstance(item, torch.Tensor) and name != "step" and item.dim() and \
+                    item.shape != param.shape:
+                raise ValueError(f"{name} has shape {tuple(item.shape)}, its parameter "
+                                 f"{tuple(param.shape)}")
+
+
+def _check_position(position):
+    """The ``"accum"`` entry of a state_dict (absent in torch.optim's: a window boundary)."""
+    if position is None:
+        return {"micro_step": 0, "window_accum_steps": None, "num_updates": 0, "updated": False}
+    if not isinstance(position, dict):
+        raise ValueError(f"Invalid state_dict: 'accum' is {type(position).__name__} (must be a "
+                         f"dict)")
+    missing = {"micro_step", "window_accum_steps", "num_updates"} - position.keys()
+    if missing:
+        raise ValueError(f"Invalid state_dict: 'accum' lacks {sorted(missing)}")
+    micro_step, window_k = position["micro_step"], position["window_accum_steps"]
+    check_nonnegative_int("micro_step (state_dict 'accum')", micro_step)
+    check_nonnegative_int("num_updates (state_dict 'accum')", position["num_updates"])
+    if window_k is not None:
+        check_accum_steps(window_k)
+    if micro_step:
+        if window_k is None or not micro_step < window_k:
+            raise ValueError(f"Invalid state_dict: micro_step {micro_step} is outside a window "
+                             f"of {window_k}")
+    updated = position.get("updated", False)
+    if not isinstance(updated, bool):
+        raise ValueError(f"Invalid updated (state_dict 'accum'): {updated!r} (must be True or "
+                         f"False)")
+    return {"micro_step": micro_step, "window_accum_steps": window_k,
+            "num_updates": position["num_updates"], "updated": updated}
 
 
 def as_real(tensor):

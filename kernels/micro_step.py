@@ -7,8 +7,10 @@ what the functional takes as per-tensor host lists the kernel reads from device 
 
 * ``table``   int64 [6, n]: addresses of θ, g and up to four state tensors, slot order per
               variant (the launchers' ``*_SLOTS``). The g row holds 0 for no gradient this
-              micro-step and ``HOOKED`` (1, never an address) for a tensor a fold_in_backward
-              hook has already folded this micro-step;
+              micro-step, ``HOOKED`` (1, never an address) for a tensor a fold_in_backward
+              hook has already folded (and on the last micro-step moved) this micro-step, and
+              ``FOLDED`` (2) for one folded but not moved yet (by a state_dict or copy
+              taken between backward and step(), which must not move parameters);
 * ``folds``   int32 [n]: micro-steps folded into each tensor this window (0: next fold decays);
 * ``updates`` fp32 [n]: updates each tensor has had (Adam's step; 0 is SGD's "fresh" buffer);
 * ``window``  int32 [4]: good micro-steps folded this window, the window's accum_steps,
@@ -21,7 +23,8 @@ micro-batch on the device, without a host sync.
 With ``HOOK`` the launch covers one tensor (its rows of the work table) from inside backward,
 and its gradient's address comes as ``hook_grad_addr``. With ``MOVE_UNFOLDED`` off, tensors
 without a gradient are left alone even on the last micro-step (a flush in the middle of
-backward, before they may still get one).
+backward, before they may still get one). ``FOLD_ONLY`` folds without moving even on the last
+micro-step (the tensors are marked ``FOLDED``, and step()'s launch moves them).
 """
 import triton
 import triton.language as tl
@@ -30,6 +33,7 @@ SGDM, SGD_EXACT, ADAM_MEAN_OF_SQUARES, ADAM_SQUARE_OF_MEAN = 0, 1, 2, 3
 # In the gradient row: folded by a hook earlier this micro-step (never an address). A
 # constexpr, because the compiler reads no other globals inside a kernel.
 HOOKED = tl.constexpr(1)
+FOLDED = tl.constexpr(2)
 
 
 @triton.jit
@@ -184,7 +188,8 @@ def micro_step_kernel(work_ptr, n_work, numel_ptr, table_ptr, n_tensors, folds_p
                       AMSGRAD: tl.constexpr, NESTEROV: tl.constexpr,
                       MOMENTUM_BUFFER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                       HAS_FOUND_INF: tl.constexpr, HOOK: tl.constexpr,
-                      MOVE_UNFOLDED: tl.constexpr, BLOCK: tl.constexpr):
+                      MOVE_UNFOLDED: tl.constexpr, FOLD_ONLY: tl.constexpr,
+                      BLOCK: tl.constexpr):
     """One program per (tensor, block) row of the work table; ``n_work`` is its row stride."""
     pid = tl.program_id(0)
     t = tl.load(work_ptr + pid)
@@ -197,17 +202,19 @@ def micro_step_kernel(work_ptr, n_work, numel_ptr, table_ptr, n_tensors, folds_p
     # accum_steps changes take effect when a window starts (pos = 0); inside one, the stored k.
     k_steps = tl.where(pos == 0, accum_steps, tl.load(window_ptr + 1))
     last = pos + 1 == k_steps
+    if FOLD_ONLY:
+        last = pos < 0  # never: this launch folds, step()'s moves
     folds = tl.load(folds_ptr + t)
     if HOOK:
         grad_addr = hook_grad_addr
     else:
         grad_addr = tl.load(table_ptr + n_tensors + t)
-    has_grad = grad_addr > HOOKED
+    has_grad = grad_addr > FOLDED
     # Work where there is a gradient, or to move a tensor folded earlier in the window that got
-    # no gradient now (and was not folded by a hook this micro-step either).
+    # no gradient now (and was not folded by a hook this micro-step either), or one FOLDED.
     live = has_grad
     if MOVE_UNFOLDED:
-        live = live | (last & (folds > 0) & (grad_addr == 0))
+        live = live | (last & (((folds > 0) & (grad_addr == 0)) | (grad_addr == FOLDED)))
     if HAS_FOUND_INF:
         live = live & (tl.load(found_inf_ptr) == 0.0)
     if live:

@@ -11,18 +11,18 @@ SGD_EXACT_SLOTS = ("grad_accum", "momentum_buffer")
 
 def sgdm_micro_step(window, grads, *, lr, momentum, dampening, weight_decay, maximize,
                     accum_steps, accum_reduction, grad_scale=None, found_inf=None,
-                    hook_tensor=None, flush=False):
+                    hook_tensor=None, flush=False, fold_only=False):
     window.launch(SGDM, grads, accum_steps=accum_steps, lr=lr, weight_decay=weight_decay,
                   maximize=maximize, accum_reduction=accum_reduction, momentum=momentum,
                   dampening=dampening, grad_scale=grad_scale, found_inf=found_inf,
-                  hook_tensor=hook_tensor, flush=flush)
+                  hook_tensor=hook_tensor, flush=flush, fold_only=fold_only)
 
 
 def sgd_exact_micro_step(window, grads, *, lr, momentum, dampening, weight_decay, nesterov,
                          maximize, accum_steps, accum_reduction, grad_scale=None,
-                         found_inf=None, hook_tensor=None, flush=False):
+                         found_inf=None, hook_tensor=None, flush=False, fold_only=False):
     window.launch(SGD_EXACT, grads, accum_steps=accum_steps, lr=lr, weight_decay=weight_decay,
                   maximize=maximize, accum_reduction=accum_reduction, momentum=momentum,
                   dampening=dampening, nesterov=nesterov, momentum_buffer=momentum != 0,
                   grad_scale=grad_scale, found_inf=found_inf, hook_tensor=hook_tensor,
-                  flush=flush)
+                  flush=flush, fold_only=fold_only)

@@ -5,6 +5,7 @@ import math
 import torch
 import triton.language as tl
 
+from .micro_step import FOLDED as _FOLDED
 from .micro_step import HOOKED as _HOOKED
 from .micro_step import micro_step_kernel
 from .window import window_kernel
@@ -18,6 +19,7 @@ N_SLOTS = 6           # θ, g and up to four state tensors
 HOOK_LAUNCH_MIN_NUMEL = 1 << 16
 STASH_MAX_NUMEL = 1 << 22
 HOOKED = _HOOKED.value  # the gradient row's "folded by a hook already"
+FOLDED = _FOLDED.value  # the gradient row's "folded for an export, not moved yet"
 KERNEL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -118,9 +120,9 @@ class DeviceWindow:
         """The gradient row holding only the stashed gradients (for a flush)."""
         return [g if torch.is_tensor(g) else None for g in self.row]
 
-    def mark_folded(self, indices):
+    def mark_folded(self, indices, code=HOOKED):
         for t in indices:
-            self.row[t] = HOOKED
+            self.row[t] = code
         self.stashed_numel = 0
 
     def end_micro_step(self):
@@ -131,13 +133,14 @@ class DeviceWindow:
                beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, dampening=0.0,
                decoupled_weight_decay=False, amsgrad=False, nesterov=False,
                momentum_buffer=False, grad_scale=None, found_inf=None, hook_tensor=None,
-               flush=False):
+               flush=False, fold_only=False):
         """A micro-step: the fold kernel over every (tensor, block), then the bookkeeping kernel.
 
         ``grads`` is the bucket's gradient row (a tensor, None or HOOKED per tensor). With
         ``hook_tensor`` it is that one tensor's gradient and only its blocks run (from a
-        fold_in_backward hook); with ``flush`` only tensors with a gradient run. Neither counts
-        the micro-step: the step's own launch does."""
+        fold_in_backward hook); with ``flush`` only tensors with a gradient run, and with
+        ``fold_only`` too they are folded but never moved. None of these counts the micro-step:
+        the step's own launch does."""
         if hook_tensor is None:
             self.set_grads(grads)
         else:
@@ -166,7 +169,8 @@ class DeviceWindow:
                 DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
                 NESTEROV=bool(nesterov), MOMENTUM_BUFFER=bool(momentum_buffer),
                 HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                HOOK=hook_tensor is not None, MOVE_UNFOLDED=not flush, BLOCK=BLOCK, **scalars)
+                HOOK=hook_tensor is not None, MOVE_UNFOLDED=not flush, FOLD_ONLY=bool(fold_only),
+                BLOCK=BLOCK, **scalars)
         if hook_tensor is not None or flush:
             return
         window_kernel[(1,)](self.table, len(self.params), self.folds, self.updates, self.window,

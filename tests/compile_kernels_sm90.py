@@ -42,13 +42,18 @@ def main():
     report = {}
     dtypes = (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16))
     for variant in range(4):
-        # Step mode in every dtype, and the fold_in_backward launches (HOOK, a flush) in fp32.
-        for name, dtype, hook, flush in [(n, d, False, False) for n, d in dtypes] + [
-                ("fp32-hook", tl.float32, True, False), ("fp32-flush", tl.float32, False, True)]:
+        # Step mode in every dtype, and the fold_in_backward launches (HOOK, a flush, an
+        # export's fold-only flush) in fp32.
+        for name, dtype, hook, flush, fold_only in [(n, d, False, False, False)
+                                                    for n, d in dtypes] + [
+                ("fp32-hook", tl.float32, True, False, False),
+                ("fp32-flush", tl.float32, False, True, False),
+                ("fp32-fold-only", tl.float32, False, True, True)]:
             constexprs = dict(VARIANT=variant, DTYPE=dtype, MAXIMIZE=True, MEAN=True,
                               DECOUPLED=variant % 2 == 0, AMSGRAD=True, NESTEROV=True,
                               MOMENTUM_BUFFER=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
-                              HOOK=hook, MOVE_UNFOLDED=not flush, BLOCK=BLOCK)
+                              HOOK=hook, MOVE_UNFOLDED=not flush, FOLD_ONLY=fold_only,
+                              BLOCK=BLOCK)
             ptx = compile_for_sm90(micro_step_kernel, SIGNATURE, constexprs).asm["ptx"]
             report[f"{variant}-{name}"] = Counter(re.findall(r"(?:ld|st)\.global[.\w]*", ptx))
     compile_for_sm90(window_kernel, {

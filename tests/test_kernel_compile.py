@@ -26,11 +26,12 @@ def ptx_accesses():
 
 
 def test_every_variant_and_dtype_compiles_for_sm90(ptx_accesses):
-    assert len(ptx_accesses) == 4 * 5
+    assert len(ptx_accesses) == 4 * 6
 
 
 @pytest.mark.parametrize("variant", range(4))
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp32-hook", "fp32-flush"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp32-hook", "fp32-flush",
+                                   "fp32-fold-only"])
 def test_full_blocks_use_128_bit_accesses(ptx_accesses, variant, dtype):
     accesses = ptx_accesses[f"{variant}-{dtype}"]
     assert accesses.get("ld.global.v4.b32", 0) > 0, accesses

@@ -38,7 +38,7 @@ def test_sgdm_accum_steps_1_is_torch_sgd_bitwise(problem, flags, dtype):
 
 def test_bufferless_sgdm_holds_no_accumulator():
     """momentum > 0 without nesterov folds straight into the buffer; the other variants keep
-    one accumulator inside the window and none at the boundary."""
+    one accumulator (kept between windows, so the state has the same keys throughout)."""
     init, schedule = make_problem(0, [(3,)], 4, 1, 0.0)
     for flags, holds in [({"momentum": 0.9}, False), ({"momentum": 0.9, "nesterov": True}, True),
                          ({"momentum": 0.0}, True)]:
@@ -47,6 +47,4 @@ def test_bufferless_sgdm_holds_no_accumulator():
         for t, row in enumerate(schedule):
             p.grad = row[0]
             opt.step()
-            if t < 3:
-                assert ("grad_accum" in opt.state[p]) == holds, (flags, t, opt.state[p].keys())
-        assert "grad_accum" not in opt.state[p], flags
+            assert ("grad_accum" in opt.state[p]) == holds, (flags, t, opt.state[p].keys())

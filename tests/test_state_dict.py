@@ -136,19 +136,26 @@ def test_torch_state_dict_loads_at_boundary_and_back(torch_cls, accum_cls, kwarg
                                    msg=lambda msg: f"param {i} after the round trip: {msg}")
 
 
-def test_state_at_boundary_has_torch_keys_only():
-    init, schedule = make_problem(0, [(3,)], K, 1, 0.0)
+def test_state_dict_keys_are_the_same_at_every_window_position():
+    """torch's keys plus accumopt's window keys, from the first fold on, at every micro-step
+    (torch.distributed.checkpoint loads into a template built at another position)."""
+    init, schedule = make_problem(0, [(3,)], K, 2, 0.0)
     for cls, kwargs, keys in [
-        (AccumSGDM, dict(momentum=0.9), {"momentum_buffer"}),
-        (AccumSGDM, dict(momentum=0.9, nesterov=True), {"momentum_buffer"}),
+        (AccumSGDM, dict(momentum=0.9), {"momentum_buffer", "momentum_fresh", "window_folds"}),
+        (AccumSGDM, dict(momentum=0.9, nesterov=True),
+         {"momentum_buffer", "momentum_fresh", "window_folds", "grad_accum"}),
+        (AccumSGDM, dict(momentum=0.0), {"momentum_buffer", "window_folds", "grad_accum"}),
         (AccumAdam, dict(second_moment="square_of_mean", amsgrad=True),
-         {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+         {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "window_folds", "grad_accum"}),
+        (AccumAdamW, {}, {"step", "exp_avg", "exp_avg_sq", "window_folds"}),
     ]:
         params = [torch.nn.Parameter(init[0].clone())]
         opt = cls(params, accum_steps=K, **kwargs)
-        feed(opt, params, schedule)
-        got = set(opt.state[params[0]])
-        assert got == keys, (cls.__name__, kwargs, got)
+        for t, row in enumerate(schedule):
+            params[0].grad = row[0]
+            opt.step()
+            got = set(opt.state_dict()["state"][0])
+            assert got == keys, (cls.__name__, kwargs, t, got)
 
 
 def test_load_rejects_a_window_position_outside_its_window():
