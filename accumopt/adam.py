@@ -39,13 +39,15 @@ class AccumAdam(AccumOptimizer):
                  amsgrad=False, *, decoupled_weight_decay=False, maximize=False, foreach=None,
                  capturable=False, differentiable=False, fused=None, accum_steps=1,
                  accum_reduction="mean", second_moment="mean_of_squares",
-                 fold_in_backward=False, backend="auto", process_group=None):
+                 fold_in_backward=False, step_per_window=False, backend="auto",
+                 process_group=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, accum_steps=accum_steps,
                         accum_reduction=accum_reduction, second_moment=second_moment,
-                        fold_in_backward=fold_in_backward, backend=backend)
+                        fold_in_backward=fold_in_backward, step_per_window=step_per_window,
+                        backend=backend)
         super().__init__(params, defaults, process_group=process_group)
 
     def _check_group(self, group):
@@ -104,7 +106,7 @@ class AccumAdam(AccumOptimizer):
                      weight_decay=group["weight_decay"],
                      decoupled_weight_decay=group["decoupled_weight_decay"],
                      amsgrad=group["amsgrad"], maximize=group["maximize"],
-                     accum_steps=accum_steps, accum_reduction=group["accum_reduction"],
+                     accum_steps=accum_steps, accum_reduction=self._reduction(group),
                      grad_scale=grad_scale, foreach=self._use_foreach(group, params))
         tensors = [[as_real(p) for p in params], [as_real(g) for g in grads]]
         if exact:
@@ -149,7 +151,7 @@ class AccumAdam(AccumOptimizer):
                    eps=group["eps"], weight_decay=group["weight_decay"],
                    decoupled_weight_decay=group["decoupled_weight_decay"],
                    amsgrad=group["amsgrad"], maximize=group["maximize"],
-                   accum_steps=accum_steps, accum_reduction=group["accum_reduction"],
+                   accum_steps=accum_steps, accum_reduction=self._reduction(group),
                    grad_scale=grad_scale, found_inf=found_inf, **launch)
 
 
@@ -163,11 +165,12 @@ class AccumAdamW(AccumAdam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, accum_steps=1, accum_reduction="mean",
-                 second_moment="mean_of_squares", fold_in_backward=False, backend="auto",
-                 process_group=None):
+                 second_moment="mean_of_squares", fold_in_backward=False,
+                 step_per_window=False, backend="auto", process_group=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
                          decoupled_weight_decay=True, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          accum_steps=accum_steps, accum_reduction=accum_reduction,
                          second_moment=second_moment, fold_in_backward=fold_in_backward,
-                         backend=backend, process_group=process_group)
+                         step_per_window=step_per_window, backend=backend,
+                         process_group=process_group)

@@ -35,13 +35,14 @@ class AccumSGDM(AccumOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, capturable=False, accum_steps=1, accum_reduction="mean",
-                 fold_in_backward=False, backend="auto", process_group=None):
+                 fold_in_backward=False, step_per_window=False, backend="auto",
+                 process_group=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused,
                         capturable=capturable, accum_steps=accum_steps,
                         accum_reduction=accum_reduction, fold_in_backward=fold_in_backward,
-                        backend=backend)
+                        step_per_window=step_per_window, backend=backend)
         super().__init__(params, defaults, process_group=process_group)
 
     def _check_group(self, group):
@@ -88,7 +89,7 @@ class AccumSGDM(AccumOptimizer):
         momentum = group["momentum"]
         hyper = dict(lr=as_float(group["lr"]), momentum=momentum, dampening=group["dampening"],
                      weight_decay=group["weight_decay"], maximize=group["maximize"],
-                     accum_steps=accum_steps, accum_reduction=group["accum_reduction"],
+                     accum_steps=accum_steps, accum_reduction=self._reduction(group),
                      grad_scale=grad_scale, foreach=self._use_foreach(group, params))
         states = [self.state[p] for p in params]
         fresh = [state.get("momentum_fresh", False) for state in states]
@@ -128,7 +129,7 @@ class AccumSGDM(AccumOptimizer):
         hyper = dict(lr=as_float(group["lr"]), momentum=group["momentum"],
                      dampening=group["dampening"], weight_decay=group["weight_decay"],
                      maximize=group["maximize"], accum_steps=accum_steps,
-                     accum_reduction=group["accum_reduction"], grad_scale=grad_scale,
+                     accum_reduction=self._reduction(group), grad_scale=grad_scale,
                      found_inf=found_inf, **launch)
         if _bufferless(group):
             kernels.sgdm_micro_step(window, grads, **hyper)

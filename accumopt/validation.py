@@ -56,14 +56,20 @@ def check_window_args(group):
     check_choice("accum_reduction", group["accum_reduction"], ACCUM_REDUCTIONS)
     check_bool("maximize", group["maximize"])
     check_bool("fold_in_backward", group["fold_in_backward"])
+    check_bool("step_per_window", group["step_per_window"])
+    if group["step_per_window"] and not group["fold_in_backward"]:
+        raise ValueError("Invalid step_per_window: True needs fold_in_backward=True (the hooks "
+                         "count and fold each backward pass); without hooks the framework's own "
+                         ".grad accumulation already is torch.optim's, so use torch.optim there "
+                         "or accumopt with step_per_window=False")
     check_torch_flags(group)
 
 
 # Options whose value is a choice of how this process runs, not part of the training state: a
 # checkpoint never overrides them (a Triton checkpoint must load on a CPU machine, a step-mode
 # one must not turn fold_in_backward's memory saving off).
-RUNTIME_OPTIONS = ("backend", "fold_in_backward", "foreach", "fused", "capturable",
-                   "differentiable")
+RUNTIME_OPTIONS = ("backend", "fold_in_backward", "step_per_window", "foreach", "fused",
+                   "capturable", "differentiable")
 
 
 def check_optional_bool(name, value):

@@ -28,8 +28,13 @@ written back into the host state whenever it is retired (its tensors changed, it
 the torch path) and into every state_dict and copy.
 """
 import copy
-from collections import defaultdict
+import functools
+import gc
 import numbers
+import sys
+import warnings
+import weakref
+from collections import defaultdict
 
 import torch
 from torch.optim import Optimizer
@@ -96,6 +101,13 @@ class AccumOptimizer(Optimizer):
         self._device_windows = {}         # (group index, device, dtype) -> DeviceWindow
         self._hooked = set()              # parameters hooks folded in this micro-step
         self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
+        # step_per_window: the autograd graph tasks of this micro-step's backward (id -> ended)
+        self._backward_tasks = {}
+        self._backward_max_task = -1      # the newest graph task a hook has run in
+        self._backward_ended = False      # this micro-step's backward has ended; not counted yet
+        self._distributed_check = None    # None: not checked yet; "": fine; else the refusal
+        self._window_lrs = []             # each group's lr when the window opened
+        self.__dict__.setdefault("_lr_warned", False)  # the lr-in-window warning, once
 
     # ----- copies and pickles -----------------------------------------------------------------
 
@@ -167,9 +179,10 @@ class AccumOptimizer(Optimizer):
 
     @property
     def micro_step(self):
-        """Good micro-batches folded into the current window so far (0 at a boundary)."""
+        """Good micro-batches folded into the current window so far (0 at a boundary); with
+        step_per_window, the backward passes folded so far."""
         self._sync_window()
-        return self._micro_step
+        return self._micro_step + self._backward_ended
 
     def _position(self):
         return {"micro_step": self._micro_step, "window_accum_steps": self._window_accum_steps,
@@ -201,7 +214,26 @@ class AccumOptimizer(Optimizer):
         if not self._window_open:
             self._window_accum_steps = self._read_accum_steps()
             self._window_open = True
+            self._window_lrs = [_lr_key(g["lr"]) for g in self.param_groups]
         return self._window_accum_steps
+
+    def _check_lr_in_window(self):
+        """Warn once if a group's lr changed while a window is open: the symptom of an LR
+        scheduler stepped once per micro-batch."""
+        if self._lr_warned or not self._window_open or self._step_per_window():
+            return
+        for index, (group, before) in enumerate(zip(self.param_groups, self._window_lrs)):
+            now = _lr_key(group["lr"])
+            if now != before:
+                self._lr_warned = True
+                warnings.warn(
+                    f"the lr of param group {index} changed from {before} to {now} inside an "
+                    f"accumulation window (micro-batch {self._micro_step + 1} of "
+                    f"{self._window_accum_steps}); the parameters move once per window, with "
+                    f"the lr at its last micro-batch. A scheduler stepped once per micro-batch "
+                    f"runs accum_steps times too fast: wrap it in accumopt.per_update(scheduler) "
+                    f"or step it only when opt.updated", UserWarning, stacklevel=4)
+                return
 
     # ----- param groups and hooks ---------------------------------------------------------------
 
@@ -209,6 +241,10 @@ class AccumOptimizer(Optimizer):
         filled = {**self.defaults, **param_group, **self._fixed_options}
         check_window_args(filled)
         self._check_group(filled)
+        if self.param_groups and filled["step_per_window"] != self._step_per_window():
+            raise ValueError(f"Invalid step_per_window: {filled['step_per_window']!r} differs "
+                             f"from the other param groups'; who drives the window is one "
+                             f"choice for the whole optimizer")
         params = param_group["params"]
         # A generator is read once, here: the group keeps the list.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -304,6 +340,7 @@ class AccumOptimizer(Optimizer):
                 "optimizer from a checkpoint taken before this micro-batch (or build a new one), "
                 "then use bf16 autocast (torch.autocast(device_type, dtype=torch.bfloat16)), "
                 "which needs no GradScaler, or fold_in_backward=False, which handles GradScaler")
+        self._check_lr_in_window()
         grads = [self._group_grads(i, group) for i, group in enumerate(self.param_groups)]
         on_triton = [self._runs_triton(i, group) for i, group in enumerate(self.param_groups)]
         if any(on_triton):
@@ -327,13 +364,24 @@ class AccumOptimizer(Optimizer):
             self._updated = False
             self._end_micro_step()
             return loss
+        if self._step_per_window():
+            if not (self._window_open or self._hooked or any(
+                    g is not None for group_grads in grads for g in group_grads)):
+                self._updated = False  # no backward since the last step(): nothing to end
+                return loss
         accum_steps = self._accum_steps_now()
         last = self._micro_step + 1 == accum_steps
+        launch_k = accum_steps
+        if self._step_per_window() and not last:
+            # The framework ends a short window (an epoch's last): what hooks folded this
+            # micro-step is folded, not moved; the device is told the window ends here.
+            launch_k = self._end_short_window(on_triton)
+            last = True
         # With a process group the last micro-step only folds: the move follows the average.
         move = self._averager is None
         for index, (group, group_grads) in enumerate(zip(self.param_groups, grads)):
             if on_triton[index]:
-                self._triton_micro_step(index, group, group_grads, accum_steps, grad_scale, None)
+                self._triton_micro_step(index, group, group_grads, launch_k, grad_scale, None)
             else:
                 self._fold_group(group, group["params"], group_grads, accum_steps, last,
                                  None if grad_scale is None else float(grad_scale), move=move)
@@ -349,8 +397,76 @@ class AccumOptimizer(Optimizer):
     def _end_micro_step(self):
         self._hooked.clear()
         self._micro_step_cache.clear()
+        self._backward_tasks = {}
+        self._backward_ended = False
         for window in self._device_windows.values():
             window.end_micro_step()
+
+    # ----- step_per_window: the framework calls step() once per window ----------------------
+
+    def _step_per_window(self):
+        return self.param_groups[0]["step_per_window"]
+
+    def _reduction(self, group):
+        """How the math weights a micro-batch: with step_per_window the framework has divided
+        each loss already, so the gradients are added as they come ("sum")."""
+        return "sum" if group["step_per_window"] else group["accum_reduction"]
+
+    def _enter_backward(self, param):
+        """step_per_window, a hook's first word: whether this gradient opens a new backward
+        pass (then the previous one's micro-step is completed, as step() completes one in
+        per-micro-batch mode) or belongs to the running one.
+
+        A backward's hooks run in its autograd graph task or, under reentrant activation
+        checkpointing, in nested tasks started inside it (newer ids). Every task a hook runs
+        in gets a callback at its end; once all have ended the backward is over. A hook in a
+        task no newer than those seen belongs to the running backward (an outer task still
+        running: the end seen was a nested one's); a parameter hooked again in a newer task
+        means a new backward even where no end was seen."""
+        task = torch._C._current_graph_task_id()
+        if self._backward_ended:
+            if task <= self._backward_max_task:
+                self._backward_ended = False
+            else:
+                self._complete_backward()
+        elif param in self._hooked and task > self._backward_max_task:
+            self._complete_backward()
+        if task not in self._backward_tasks:
+            self._backward_tasks[task] = False
+            self._backward_max_task = max(self._backward_max_task, task)
+            torch.autograd.Variable._execution_engine.queue_callback(
+                functools.partial(_backward_task_ended, weakref.ref(self), task))
+
+    def _complete_backward(self):
+        """Count the finished backward as a micro-step: step()'s bookkeeping for a micro-step
+        that is not the window's last (the Triton path folds what hooks stashed)."""
+        accum_steps = self._accum_steps_now()
+        if self._micro_step + 1 >= accum_steps:
+            raise RuntimeError(
+                f"step_per_window=True: backward pass {self._micro_step + 2} of a window of "
+                f"accum_steps={accum_steps} began before step(); set accum_steps to the "
+                f"framework's gradient accumulation steps, and call step() once per window")
+        for index, group in enumerate(self.param_groups):
+            if self._runs_triton(index, group):
+                self._triton_micro_step(index, group, [None] * len(group["params"]),
+                                        accum_steps, None, None)
+        self._micro_step += 1
+        self._end_micro_step()
+
+    def _end_short_window(self, on_triton):
+        """Make the current micro-step the window's last on the Triton path: stashed
+        gradients folded, hook folds marked folded-not-moved, the device's window length set
+        to where it is now, so that step()'s launch moves every folded tensor."""
+        length = self._micro_step + 1
+        if not any(on_triton):
+            return length
+        self._flush_stashes()
+        for (index, *_), window in self._device_windows.items():
+            if on_triton[index]:
+                window.mark_folded([t for t, g in enumerate(window.row)
+                                    if isinstance(g, int) and g == HOOKED], FOLDED)
+                window.set_window_length(length)
+        return length  # the launch's accum_steps: the window length where it starts now
 
     @torch.no_grad()
     def _fold_in_backward(self, param):
@@ -363,6 +479,12 @@ class AccumOptimizer(Optimizer):
         group = self.param_groups[index]
         if grad.is_sparse:
             raise RuntimeError(self._sparse_message(f"a parameter of param group {index}"))
+        if self._distributed_check is None:
+            self._distributed_check = _ddp_wrapping(self._all_params())
+        if self._distributed_check:
+            raise RuntimeError(self._distributed_check)
+        if group["step_per_window"]:
+            self._enter_backward(param)
         if param in self._hooked:
             raise RuntimeError("fold_in_backward=True folds one gradient per parameter per "
                                "micro-step: call step() after each backward")
@@ -411,8 +533,11 @@ class AccumOptimizer(Optimizer):
         hook): which fold, which fold first in this window, which move (none without ``move``);
         run it; then advance each parameter's fold count."""
         moves = last and move
-        if self._averager is not None and group["accum_reduction"] == "sum":
+        if self._averager is not None and group["accum_reduction"] == "sum" and \
+                not group["step_per_window"]:
             # Ranks average their windows, so each folds R times its share of the window sum.
+            # (With step_per_window each rank's window is what its .grad would hold, and the
+            # average across ranks is DDP's, whose loss scaling the frameworks already match.)
             grad_scale = (1.0 if grad_scale is None else grad_scale) / self._averager.world_size
         params, planned_grads, first = [], [], []
         for param, grad in zip(group_params, grads):
@@ -752,6 +877,57 @@ class AccumOptimizer(Optimizer):
                     item.shape != param.shape:
                 raise ValueError(f"{name} has shape {tuple(item.shape)}, its parameter "
                                  f"{tuple(param.shape)}")
+
+
+def _lr_key(lr):
+    """An lr to compare across micro-steps: its value (a CUDA Tensor lr by identity: no sync)."""
+    if isinstance(lr, torch.Tensor):
+        return float(lr) if lr.device.type == "cpu" else id(lr)
+    return lr
+
+
+def _backward_task_ended(optimizer_ref, task):
+    """The autograd engine's callback at the end of a graph task a step_per_window hook ran
+    in: once every such task has ended, the backward pass is over."""
+    optimizer = optimizer_ref()
+    if optimizer is None or task not in optimizer._backward_tasks:
+        return
+    optimizer._backward_tasks[task] = True
+    # A nested task (reentrant activation checkpointing) ends inside the backward that runs it:
+    # its end is not the backward's. Where no hook runs in the outer task, the next backward's
+    # first repeated parameter completes the micro-step instead.
+    if all(optimizer._backward_tasks.values()) and _backward_depth() <= 1:
+        optimizer._backward_ended = True
+
+
+def _backward_depth():
+    """How many autograd engine runs the Python stack is inside (2 or more: a nested one)."""
+    depth, frame = 0, sys._getframe(1)
+    while frame is not None:
+        depth += frame.f_code.co_name == "_engine_run_backward"
+        frame = frame.f_back
+    return depth
+
+
+def _ddp_wrapping(params):
+    """The refusal message if a DistributedDataParallel module wraps any of ``params`` (its
+    reducer all-reduces after the hooks have folded the local gradient), else "". One scan of
+    the live objects, only where torch.distributed is initialized."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    from torch.nn.parallel import DistributedDataParallel
+    ids = {id(p) for p in params}
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel) and any(
+                id(p) in ids for p in obj.module.parameters()):
+            return ("fold_in_backward=True cannot run under DistributedDataParallel: its "
+                    "post-accumulate-grad hooks see each rank's local gradient before DDP "
+                    "averages it, and freeing it makes DDP average zeros. Nothing was folded. "
+                    "Drop the DDP wrapper and pass process_group=torch.distributed.group.WORLD "
+                    "(accumopt averages the window across ranks, once per window), or use "
+                    "fold_in_backward=False under DDP")
+    return ""
 
 
 def _check_position(position):

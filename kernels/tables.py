@@ -125,6 +125,11 @@ class DeviceWindow:
             self.row[t] = code
         self.stashed_numel = 0
 
+    def set_window_length(self, length):
+        """End the current window after ``length`` micro-steps (a short window a training
+        framework ends with step()): the device's window length, written without a sync."""
+        self.window[1].fill_(int(length))
+
     def end_micro_step(self):
         self.row = [None] * len(self.params)
         self.stashed_numel = 0

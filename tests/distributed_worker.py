@@ -68,6 +68,24 @@ def run_ddp(rank, world_size):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def run_step_per_window(rank, world_size):
+    """step_per_window with process_group, without DDP: the framework-style loop (loss / K per
+    backward, step() after K) averages the window across ranks."""
+    init, grads = schedule(world_size, seed=3)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = AccumSGDM(params, lr=0.1, momentum=0.9, accum_steps=K, fold_in_backward=True,
+                    step_per_window=True, process_group=dist.group.WORLD)
+    for w in range(WINDOWS):
+        for t in range(K):
+            row = grads[w][rank][t]
+            loss = sum((p * g).sum() for p, g in zip(params, row) if g is not None)
+            if torch.is_tensor(loss):
+                (loss / K).backward()
+        opt.step()
+    opt.remove_hooks()
+    return [p.detach().clone() for p in params]
+
+
 def ddp_batches(world_size):
     gen = torch.Generator().manual_seed(5)
     return [[(torch.randn(3, 4, generator=gen, dtype=torch.float64),
@@ -100,6 +118,21 @@ def worker(rank, world_size, port, out_dir):
             p.grad = torch.ones(3)
             opt.step()
     results["mismatched accum_steps"] = expect_error(mismatched_accum_steps)
+
+    def fold_in_backward_under_ddp():
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        opt = AccumSGDM(ddp.parameters(), accum_steps=2, fold_in_backward=True)
+        before = [p.detach().clone() for p in ddp.parameters()]
+        try:
+            ddp(torch.ones(2, 3)).sum().backward()
+        finally:
+            folded = any(s.get("window_folds") for s in opt.state.values())
+            assert not folded and all(torch.equal(a, b) for a, b in
+                                      zip(before, ddp.parameters())), "a local gradient folded"
+            opt.remove_hooks()
+    results["fold_in_backward under DDP"] = expect_error(fold_in_backward_under_ddp)
+    results["step_per_window"] = run_step_per_window(rank, world_size)
 
     def different_params():
         AccumSGDM([torch.nn.Parameter(torch.full((3,), float(rank)))],

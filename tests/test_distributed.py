@@ -110,3 +110,29 @@ def test_mismatched_configurations_get_a_clear_error_on_every_rank(ranks):
     for rank, result in enumerate(results):
         assert "accum_steps" in (result["mismatched accum_steps"] or ""), rank
         assert "differ" in (result["different params"] or ""), rank
+
+
+def test_fold_in_backward_under_ddp_is_refused_on_every_rank_before_any_fold(ranks):
+    world_size, results = ranks
+    for rank, result in enumerate(results):
+        message = result["fold in backward under DDP"] if "fold in backward under DDP" in \
+            result else result["fold_in_backward under DDP"]
+        assert message and "DistributedDataParallel" in message, (rank, message)
+        assert "process_group" in message, message
+
+
+def test_step_per_window_with_a_process_group_equals_one_process(ranks):
+    world_size, results = ranks
+    init, grads = schedule(world_size, seed=3)
+    flat = [[row for rank_rows in window for row in rank_rows] for window in grads]
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    ref = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for window in flat:
+        for i, p in enumerate(params):
+            p.grad = sum(torch.zeros_like(p) if row[i] is None else row[i] for row in window)
+            p.grad /= len(window)
+        ref.step()
+    for rank, result in enumerate(results):
+        for i, (a, b) in enumerate(zip(result["step_per_window"], params)):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"rank {rank}, param {i}: {m}")
