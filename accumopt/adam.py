@@ -39,15 +39,15 @@ class AccumAdam(AccumOptimizer):
                  amsgrad=False, *, decoupled_weight_decay=False, maximize=False, foreach=None,
                  capturable=False, differentiable=False, fused=None, accum_steps=1,
                  accum_reduction="mean", second_moment="mean_of_squares",
-                 fold_in_backward=False, step_per_window=False, backend="auto",
-                 process_group=None):
+                 fold_in_backward=False, step_per_window=False, max_grad_norm=None,
+                 backend="auto", process_group=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, accum_steps=accum_steps,
                         accum_reduction=accum_reduction, second_moment=second_moment,
                         fold_in_backward=fold_in_backward, step_per_window=step_per_window,
-                        backend=backend)
+                        max_grad_norm=max_grad_norm, backend=backend)
         super().__init__(params, defaults, process_group=process_group)
 
     def _check_group(self, group):
@@ -56,6 +56,11 @@ class AccumAdam(AccumOptimizer):
         check_bool("amsgrad", group["amsgrad"])
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
         check_choice("second_moment", group["second_moment"], SECOND_MOMENTS)
+        if group["max_grad_norm"] is not None and group["second_moment"] != "square_of_mean":
+            raise ValueError("Invalid max_grad_norm: window clipping needs the window gradient, "
+                             "which second_moment=\"mean_of_squares\" never holds (it folds "
+                             "each micro-batch into m and v). Use second_moment="
+                             "\"square_of_mean\" (it keeps Ḡ), or max_grad_norm=None")
 
     def _init_state(self, group, param, state):
         """Every key from the first fold on: torch.optim.Adam's (``step``, ``exp_avg``,
@@ -166,11 +171,12 @@ class AccumAdamW(AccumAdam):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, accum_steps=1, accum_reduction="mean",
                  second_moment="mean_of_squares", fold_in_backward=False,
-                 step_per_window=False, backend="auto", process_group=None):
+                 step_per_window=False, max_grad_norm=None, backend="auto",
+                 process_group=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
                          decoupled_weight_decay=True, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          accum_steps=accum_steps, accum_reduction=accum_reduction,
                          second_moment=second_moment, fold_in_backward=fold_in_backward,
-                         step_per_window=step_per_window, backend=backend,
-                         process_group=process_group)
+                         step_per_window=step_per_window, max_grad_norm=max_grad_norm,
+                         backend=backend, process_group=process_group)

@@ -35,20 +35,26 @@ class AccumSGDM(AccumOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, capturable=False, accum_steps=1, accum_reduction="mean",
-                 fold_in_backward=False, step_per_window=False, backend="auto",
-                 process_group=None):
+                 fold_in_backward=False, step_per_window=False, max_grad_norm=None,
+                 backend="auto", process_group=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused,
                         capturable=capturable, accum_steps=accum_steps,
                         accum_reduction=accum_reduction, fold_in_backward=fold_in_backward,
-                        step_per_window=step_per_window, backend=backend)
+                        step_per_window=step_per_window, max_grad_norm=max_grad_norm,
+                        backend=backend)
         super().__init__(params, defaults, process_group=process_group)
 
     def _check_group(self, group):
         check_nonnegative("momentum", group["momentum"])
         check_nonnegative("dampening", group["dampening"])
         check_bool("nesterov", group["nesterov"])
+        if group["max_grad_norm"] is not None and _bufferless(group):
+            raise ValueError("Invalid max_grad_norm: window clipping needs the window gradient, "
+                             "which bufferless SGD momentum (momentum > 0, nesterov=False) never "
+                             "holds: its momentum buffer is the accumulator. Use nesterov=True "
+                             "or momentum=0 (they keep Ḡ), or max_grad_norm=None")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Invalid nesterov: True requires momentum > 0 and dampening = 0 "
                              f"(got momentum={group['momentum']!r}, "

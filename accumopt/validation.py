@@ -1,5 +1,6 @@
 """Argument checks shared by the accumopt optimizers. Each raises before anything changes and
 names the argument it rejects."""
+import math
 import numbers
 
 import torch
@@ -62,7 +63,17 @@ def check_window_args(group):
                          "count and fold each backward pass); without hooks the framework's own "
                          ".grad accumulation already is torch.optim's, so use torch.optim there "
                          "or accumopt with step_per_window=False")
+    check_max_grad_norm(group["max_grad_norm"])
     check_torch_flags(group)
+
+
+def check_max_grad_norm(value):
+    if value is None:
+        return
+    if not _is_real(value) or isinstance(value, torch.Tensor) or not math.isfinite(value) or \
+            not value > 0:
+        raise ValueError(f"Invalid max_grad_norm: {value!r} (must be None, which turns window "
+                         f"clipping off, or a finite number > 0)")
 
 
 # Options whose value is a choice of how this process runs, not part of the training state: a

@@ -107,6 +107,7 @@ class AccumOptimizer(Optimizer):
         self._backward_ended = False      # this micro-step's backward has ended; not counted yet
         self._distributed_check = None    # None: not checked yet; "": fine; else the refusal
         self._window_lrs = []             # each group's lr when the window opened
+        self.__dict__.setdefault("grad_norm", None)  # the last clipped window's norm
         self.__dict__.setdefault("_lr_warned", False)  # the lr-in-window warning, once
 
     # ----- copies and pickles -----------------------------------------------------------------
@@ -241,10 +242,11 @@ class AccumOptimizer(Optimizer):
         filled = {**self.defaults, **param_group, **self._fixed_options}
         check_window_args(filled)
         self._check_group(filled)
-        if self.param_groups and filled["step_per_window"] != self._step_per_window():
-            raise ValueError(f"Invalid step_per_window: {filled['step_per_window']!r} differs "
-                             f"from the other param groups'; who drives the window is one "
-                             f"choice for the whole optimizer")
+        for key in ("step_per_window", "max_grad_norm"):
+            if self.param_groups and filled[key] != self.param_groups[0][key]:
+                raise ValueError(f"Invalid {key}: {filled[key]!r} differs from the other param "
+                                 f"groups' ({self.param_groups[0][key]!r}); it is one choice for "
+                                 f"the whole optimizer, whose window spans every group")
         params = param_group["params"]
         # A generator is read once, here: the group keeps the list.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -350,9 +352,10 @@ class AccumOptimizer(Optimizer):
             for index, runs in enumerate(on_triton):
                 if not runs:
                     self._retire_device_windows(index)
-        if found_inf is not None and all(on_triton):
+        if found_inf is not None and all(on_triton) and not self._clips():
             # The kernels skip on found_inf and count the window on the device: no sync. The
-            # device takes accum_steps from the groups when its window starts.
+            # device takes accum_steps from the groups when its window starts. (A clipped
+            # window must know its update step on the host: found_inf is read below.)
             accum_steps = self._read_accum_steps()
             for index, group in enumerate(self.param_groups):
                 self._triton_micro_step(index, group, grads[index], accum_steps, grad_scale,
@@ -377,16 +380,19 @@ class AccumOptimizer(Optimizer):
             # micro-step is folded, not moved; the device is told the window ends here.
             launch_k = self._end_short_window(on_triton)
             last = True
-        # With a process group the last micro-step only folds: the move follows the average.
-        move = self._averager is None
+        # With a process group or clipping the last micro-step only folds: the move follows
+        # the average and the clip.
+        move = self._averager is None and not self._clips()
         for index, (group, group_grads) in enumerate(zip(self.param_groups, grads)):
-            if on_triton[index]:
+            if on_triton[index] and last and not move:
+                self._triton_fold_only(index, group, group_grads, launch_k, grad_scale)
+            elif on_triton[index]:
                 self._triton_micro_step(index, group, group_grads, launch_k, grad_scale, None)
             else:
                 self._fold_group(group, group["params"], group_grads, accum_steps, last,
                                  None if grad_scale is None else float(grad_scale), move=move)
         if last and not move:
-            self._average_and_move(accum_steps)
+            self._finish_window(accum_steps, on_triton, launch_k)
         self._micro_step = 0 if last else self._micro_step + 1
         self._window_open = not last
         self._num_updates += last
@@ -493,32 +499,99 @@ class AccumOptimizer(Optimizer):
         last = self._micro_step + 1 == accum_steps
         if self._runs_triton(index, group):
             self._check_triton_accum_steps()
-            self._triton_fold_in_backward(index, group, param, grad, accum_steps)
+            self._triton_fold_in_backward(index, group, param, grad, accum_steps,
+                                          fold_only=last and self._clips())
         else:
             self._retire_device_windows(index)
-            if self._averager is not None and last:
-                # Fold only; the parameter's bucket goes out as soon as all of it is folded.
+            if (self._averager is not None or self._clips()) and last:
+                # Fold only: the move follows the window's average and clipping. With a process
+                # group the parameter's bucket goes out as soon as all of it is folded.
                 self._fold_group(group, [param], [grad], accum_steps, last, None, move=False)
-                self._averager.ready(param, self._window_state_of, accum_steps,
-                                     self._num_updates)
+                if self._averager is not None:
+                    self._averager.ready(param, self._window_state_of, accum_steps,
+                                         self._num_updates)
             else:
                 self._fold_group(group, [param], [grad], accum_steps, last, None)
         param.grad = None
         self._hooked.add(param)
 
-    def _average_and_move(self, accum_steps):
-        """The update step with a process group: every parameter takes part, so one this rank
-        never folded this window gets a zero-gradient fold (its moments decay as on the others);
-        then the window state is averaged across ranks and every parameter moves."""
-        for group in self.param_groups:
-            unfolded = [p for p in group["params"] if not self._folds(p)]
-            self._fold_group(group, unfolded, [torch.zeros_like(p) for p in unfolded],
-                             accum_steps, True, None, move=False)
-        self._averager.finish(self._all_params(), self._window_state_of, accum_steps,
-                              self._num_updates)
-        for group in self.param_groups:
-            self._fold_group(group, group["params"], [None] * len(group["params"]), accum_steps,
-                             True, None)
+    def _finish_window(self, accum_steps, on_triton, launch_k):
+        """The update step after a fold-only last micro-step. With a process group every
+        parameter takes part, so one this rank never folded this window gets a zero-gradient
+        fold (its moments decay as on the others) and the window state is averaged across
+        ranks; with max_grad_norm the window gradient is clipped; then every parameter moves."""
+        if self._averager is not None:
+            for group in self.param_groups:
+                unfolded = [p for p in group["params"] if not self._folds(p)]
+                self._fold_group(group, unfolded, [torch.zeros_like(p) for p in unfolded],
+                                 accum_steps, True, None, move=False)
+            self._averager.finish(self._all_params(), self._window_state_of, accum_steps,
+                                  self._num_updates)
+        if self._clips():
+            self._clip_window(on_triton)
+        for index, group in enumerate(self.param_groups):
+            if on_triton[index]:
+                self._triton_micro_step(index, group, [None] * len(group["params"]), launch_k,
+                                        None, None)
+            else:
+                self._fold_group(group, group["params"], [None] * len(group["params"]),
+                                 accum_steps, True, None)
+
+    # ----- window clipping ----------------------------------------------------------------------
+
+    def _clips(self):
+        return self.param_groups[0].get("max_grad_norm") is not None
+
+    def _clip_window(self, on_triton):
+        """Clip the window gradient Ḡ (the exact variants' accumulators) by its total 2-norm
+        over every parameter, as torch.nn.utils.clip_grad_norm_ clips standard accumulation's
+        .grad: coefficient min(1, max_norm / (norm + 1e-6)), on the device, no host sync.
+        ``grad_norm`` keeps the norm before clipping."""
+        max_norm = float(self.param_groups[0]["max_grad_norm"])
+        accumulators, norms = [], []
+        for index, group in enumerate(self.param_groups):
+            if on_triton[index]:
+                for key, window in self._device_windows.items():
+                    if key[0] != index:
+                        continue
+                    accs = list(window.slots[0])
+                    marked = torch.tensor([isinstance(g, int) and g == FOLDED
+                                           for g in window.row])
+                    # Only tensors folded this window hold Ḡ; the others hold a stale window.
+                    held = (window.folds > 0) | marked.to(window.device, non_blocking=True)
+                    norms.append(torch.stack(torch._foreach_norm(accs)) * held)
+                    accumulators += accs
+            else:
+                accs = [as_real(self.state[p]["grad_accum"]) for p in group["params"]
+                        if self._folds(p)]
+                if accs:
+                    norms.append(torch.stack(torch._foreach_norm(accs)))
+                    accumulators += accs
+        if not accumulators:
+            self.grad_norm = torch.tensor(0.0)
+            return
+        first = norms[0].device
+        total = torch.linalg.vector_norm(torch.cat([n.to(first) for n in norms]))
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        by_device = {}
+        for acc in accumulators:
+            by_device.setdefault(acc.device, []).append(acc)
+        for device, accs in by_device.items():
+            torch._foreach_mul_(accs, coefficient.to(device))
+        self.grad_norm = total
+
+    def _triton_fold_only(self, index, group, grads, accum_steps, grad_scale):
+        """The last micro-step of a clipped window on the Triton path: fold this micro-batch
+        (and what hooks stashed) without moving; the tensors are marked folded-not-moved."""
+        buckets = {}
+        for param, grad in zip(group["params"], grads):
+            buckets.setdefault((param.device, param.dtype), []).append(grad)
+        for (device, dtype), bucket_grads in buckets.items():
+            window = self._device_window(index, group, device, dtype)
+            row = [g if g is not None else held for g, held in zip(bucket_grads, window.row)]
+            self._triton_launch(group, window, [g if torch.is_tensor(g) else None for g in row],
+                                accum_steps, grad_scale, None, flush=True, fold_only=True)
+            window.mark_folded([t for t, g in enumerate(row) if torch.is_tensor(g)], FOLDED)
 
     def _window_state_of(self, param):
         group = self.param_groups[self._group_index[param]]
@@ -638,19 +711,21 @@ class AccumOptimizer(Optimizer):
             row = [g if g is not None else held for g, held in zip(bucket_grads, window.row)]
             self._triton_launch(group, window, row, accum_steps, grad_scale, found_inf)
 
-    def _triton_fold_in_backward(self, index, group, param, grad, accum_steps):
+    def _triton_fold_in_backward(self, index, group, param, grad, accum_steps, fold_only=False):
         """A hook's fold on the Triton path: a large gradient gets its own launch now; a small
-        one waits in the bucket's stash for step() (or a flush once the stash is large)."""
+        one waits in the bucket's stash for step() (or a flush once the stash is large).
+        ``fold_only``: the last micro-step of a clipped window, whose moves wait for the norm."""
         from .kernels import tables
         window = self._device_window(index, group, param.device, param.dtype)
         t = window.index[param]
         if grad.numel() >= tables.HOOK_LAUNCH_MIN_NUMEL:
-            self._triton_launch(group, window, grad, accum_steps, None, None, hook_tensor=t)
-            window.mark_folded([t])
+            self._triton_launch(group, window, grad, accum_steps, None, None, hook_tensor=t,
+                                fold_only=fold_only)
+            window.mark_folded([t], FOLDED if fold_only else HOOKED)
             return
         window.stash(t, grad)
         if window.stashed_numel >= tables.STASH_MAX_NUMEL:
-            self._flush_stash(group, window, accum_steps)
+            self._flush_stash(group, window, accum_steps, fold_only=fold_only)
 
     def _flush_stash(self, group, window, accum_steps, fold_only=False):
         stashed = window.stashed()

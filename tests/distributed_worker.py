@@ -15,6 +15,11 @@ SCENARIOS = {
     "adam-mean_of_squares": (AccumAdam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
     "adamw-mean_of_squares-sum": (AccumAdamW, dict(lr=1e-2, accum_reduction="sum")),
     "adamw-square_of_mean": (AccumAdamW, dict(lr=1e-2, second_moment="square_of_mean")),
+    # max_grad_norm clips the window averaged across ranks.
+    "sgd-nesterov-clipped": (AccumSGDM, dict(lr=0.1, momentum=0.9, nesterov=True,
+                                             max_grad_norm=0.5)),
+    "adamw-square_of_mean-clipped": (AccumAdamW, dict(lr=1e-2, second_moment="square_of_mean",
+                                                      max_grad_norm=0.5)),
 }
 
 

@@ -17,7 +17,9 @@ from reference import su_mean_of_squares
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 TORCH_REFERENCE = {"sgdm": torch.optim.SGD, "sgdm-sum": torch.optim.SGD,
-                   "sgd-nesterov": torch.optim.SGD, "adamw-square_of_mean": torch.optim.AdamW}
+                   "sgd-nesterov": torch.optim.SGD, "adamw-square_of_mean": torch.optim.AdamW,
+                   "sgd-nesterov-clipped": torch.optim.SGD,
+                   "adamw-square_of_mean-clipped": torch.optim.AdamW}
 
 
 def free_port():
@@ -48,12 +50,14 @@ def torch_reference(world_size, cls, kwargs):
     reduction = kwargs.get("accum_reduction", "mean")
     params = [torch.nn.Parameter(p.clone()) for p in init]
     opt = cls(params, **{k: v for k, v in kwargs.items()
-                         if k not in ("accum_reduction", "second_moment")})
+                         if k not in ("accum_reduction", "second_moment", "max_grad_norm")})
     out = []
     for window in windows:
         for i, p in enumerate(params):
             total = sum(row[i] if row[i] is not None else torch.zeros_like(p) for row in window)
             p.grad = total / len(window) if reduction == "mean" else total
+        if kwargs.get("max_grad_norm") is not None:
+            torch.nn.utils.clip_grad_norm_(params, kwargs["max_grad_norm"])
         opt.step()
         out.append([p.detach().clone() for p in params])
     return out
