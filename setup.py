@@ -14,6 +14,8 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     # numpy: Triton's interpreter (TRITON_INTERPRET=1), which the CPU tests run the kernels in.
     # bench: the plots, and torch-optimi, the peer the suites compare against.
+    # integrations: the training frameworks the integration tests run accumopt in.
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "numpy"],
-                    "bench": ["matplotlib", "torch-optimi"]},
+                    "bench": ["matplotlib", "torch-optimi"],
+                    "integrations": ["transformers", "accelerate", "lightning"]},
 )
