@@ -1,5 +1,6 @@
 """Host side of the kernels: one bucket's device tables (built once per set of tensors), the
 device-side window counters, and the two launches of a micro-step."""
+import contextlib
 import math
 
 import torch
@@ -41,10 +42,16 @@ def _addresses(tensors):
 
 
 def _kernel_ready(grad):
-    """The gradient itself, or a dense aligned copy when the kernel cannot take it."""
+    """The gradient itself, or a dense aligned copy when the kernel cannot take it (a view at an
+    odd offset is contiguous but misaligned: a fresh allocation is aligned)."""
     if grad is None or isinstance(grad, int) or kernel_can_take(grad):
         return grad
-    return grad.contiguous()
+    return grad.clone(memory_format=torch.contiguous_format)
+
+
+def _device_guard(device):
+    """Triton launches on the current CUDA device's stream: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class DeviceWindow:
@@ -134,11 +141,7 @@ class DeviceWindow:
         self.row = [None] * len(self.params)
         self.stashed_numel = 0
 
-    def launch(self, variant, grads, *, accum_steps, lr, weight_decay, maximize, accum_reduction,
-               beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, dampening=0.0,
-               decoupled_weight_decay=False, amsgrad=False, nesterov=False,
-               momentum_buffer=False, grad_scale=None, found_inf=None, hook_tensor=None,
-               flush=False, fold_only=False):
+    def launch(self, variant, grads, **options):
         """A micro-step: the fold kernel over every (tensor, block), then the bookkeeping kernel.
 
         ``grads`` is the bucket's gradient row (a tensor, None or HOOKED per tensor). With
@@ -146,6 +149,14 @@ class DeviceWindow:
         fold_in_backward hook); with ``flush`` only tensors with a gradient run, and with
         ``fold_only`` too they are folded but never moved. None of these counts the micro-step:
         the step's own launch does."""
+        with _device_guard(self.device):
+            self._launch(variant, grads, **options)
+
+    def _launch(self, variant, grads, *, accum_steps, lr, weight_decay, maximize,
+                accum_reduction, beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, dampening=0.0,
+                decoupled_weight_decay=False, amsgrad=False, nesterov=False,
+                momentum_buffer=False, grad_scale=None, found_inf=None, hook_tensor=None,
+                flush=False, fold_only=False):
         if hook_tensor is None:
             self.set_grads(grads)
         else:

@@ -225,3 +225,28 @@ def test_accum_steps_change_mid_window_takes_effect_at_the_next(with_scaler):
     assert want_flags[-1][1] == 3, want_flags
     for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"param {i}: {m}")
+
+
+def test_a_misaligned_gradient_reaches_the_kernel_as_an_aligned_copy(monkeypatch):
+    """A contiguous gradient at an odd offset (a view into a larger buffer) would fault the
+    kernels' 16-byte accesses on a GPU: the kernel gets an aligned copy, with the same result."""
+    import accumopt.kernels.tables as tables
+    seen = []
+    original = tables.DeviceWindow.set_grads
+
+    def record(self, grads):
+        original(self, grads)
+        seen.extend(g.data_ptr() for g in self._grads_alive if torch.is_tensor(g))
+    monkeypatch.setattr(tables.DeviceWindow, "set_grads", record)
+    results = []
+    for misaligned in (False, True):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 33).to(DEVICE))
+        opt = AccumAdamW([p], lr=0.1, accum_steps=2, backend="triton")
+        for t in range(2):
+            buf = torch.arange(34, dtype=torch.float32, device=DEVICE) / 10 + t
+            p.grad = buf[1:] if misaligned else buf[1:].clone()
+            assert (p.grad.data_ptr() % 16 != 0) == misaligned
+            opt.step()
+        results.append(p.detach().clone())
+    assert seen and all(ptr % 16 == 0 for ptr in seen), "a misaligned address reached the kernel"
+    assert torch.equal(results[0], results[1])
