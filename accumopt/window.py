@@ -384,10 +384,9 @@ class AccumOptimizer(Optimizer):
         # the average and the clip.
         move = self._averager is None and not self._clips()
         for index, (group, group_grads) in enumerate(zip(self.param_groups, grads)):
-            if on_triton[index] and last and not move:
-                self._triton_fold_only(index, group, group_grads, launch_k, grad_scale)
-            elif on_triton[index]:
-                self._triton_micro_step(index, group, group_grads, launch_k, grad_scale, None)
+            if on_triton[index]:
+                self._triton_micro_step(index, group, group_grads, launch_k, grad_scale, None,
+                                        fold_only=last and not move)
             else:
                 self._fold_group(group, group["params"], group_grads, accum_steps, last,
                                  None if grad_scale is None else float(grad_scale), move=move)
@@ -580,19 +579,6 @@ class AccumOptimizer(Optimizer):
             torch._foreach_mul_(accs, coefficient.to(device))
         self.grad_norm = total
 
-    def _triton_fold_only(self, index, group, grads, accum_steps, grad_scale):
-        """The last micro-step of a clipped window on the Triton path: fold this micro-batch
-        (and what hooks stashed) without moving; the tensors are marked folded-not-moved."""
-        buckets = {}
-        for param, grad in zip(group["params"], grads):
-            buckets.setdefault((param.device, param.dtype), []).append(grad)
-        for (device, dtype), bucket_grads in buckets.items():
-            window = self._device_window(index, group, device, dtype)
-            row = [g if g is not None else held for g, held in zip(bucket_grads, window.row)]
-            self._triton_launch(group, window, [g if torch.is_tensor(g) else None for g in row],
-                                accum_steps, grad_scale, None, flush=True, fold_only=True)
-            window.mark_folded([t for t, g in enumerate(row) if torch.is_tensor(g)], FOLDED)
-
     def _window_state_of(self, param):
         group = self.param_groups[self._group_index[param]]
         return self._window_state(group, self.state[param])
@@ -700,16 +686,25 @@ class AccumOptimizer(Optimizer):
                                  f"counts windows in int32: at most {_INT32_MAX}; use "
                                  f"backend='torch' for longer windows)")
 
-    def _triton_micro_step(self, index, group, grads, accum_steps, grad_scale, found_inf):
+    def _triton_micro_step(self, index, group, grads, accum_steps, grad_scale, found_inf,
+                           fold_only=False):
         """One micro-step of a Triton group: per bucket, a launch over the gradients not yet
-        folded (in fold_in_backward mode, those hooks stashed) and the window's bookkeeping."""
+        folded (in fold_in_backward mode, those hooks stashed) and the window's bookkeeping.
+        ``fold_only`` (the last micro-step of a clipped window): fold without moving or
+        counting, and mark the tensors folded-not-moved for the launch that follows the clip."""
         buckets = {}
         for param, grad in zip(group["params"], grads):
             buckets.setdefault((param.device, param.dtype), []).append(grad)
         for (device, dtype), bucket_grads in buckets.items():
             window = self._device_window(index, group, device, dtype)
             row = [g if g is not None else held for g, held in zip(bucket_grads, window.row)]
-            self._triton_launch(group, window, row, accum_steps, grad_scale, found_inf)
+            if not fold_only:
+                self._triton_launch(group, window, row, accum_steps, grad_scale, found_inf)
+                continue
+            row = [g if torch.is_tensor(g) else None for g in row]
+            self._triton_launch(group, window, row, accum_steps, grad_scale, None, flush=True,
+                                fold_only=True)
+            window.mark_folded([t for t, g in enumerate(row) if g is not None], FOLDED)
 
     def _triton_fold_in_backward(self, index, group, param, grad, accum_steps, fold_only=False):
         """A hook's fold on the Triton path: a large gradient gets its own launch now; a small
