@@ -108,6 +108,8 @@ class AccumOptimizer(Optimizer):
         self._distributed_check = None    # None: not checked yet; "": fine; else the refusal
         self._window_lrs = []             # each group's lr when the window opened
         self.__dict__.setdefault("grad_norm", None)  # the last clipped window's norm
+        self._short_window = None         # step_per_window: the last window's length if short
+        self.__dict__.setdefault("_short_warned", False)
         self.__dict__.setdefault("_lr_warned", False)  # the lr-in-window warning, once
 
     # ----- copies and pickles -----------------------------------------------------------------
@@ -375,6 +377,8 @@ class AccumOptimizer(Optimizer):
         accum_steps = self._accum_steps_now()
         last = self._micro_step + 1 == accum_steps
         launch_k = accum_steps
+        if self._step_per_window():
+            self._check_window_length(last, accum_steps)
         if self._step_per_window() and not last:
             # The framework ends a short window (an epoch's last): what hooks folded this
             # micro-step is folded, not moved; the device is told the window ends here.
@@ -457,6 +461,20 @@ class AccumOptimizer(Optimizer):
                                         accum_steps, None, None)
         self._micro_step += 1
         self._end_micro_step()
+
+    def _check_window_length(self, full, accum_steps):
+        """Warn once when the framework ends two windows in a row after the same number of
+        backward passes, fewer than accum_steps: its accumulation is not accum_steps (an
+        epoch's last window is short once)."""
+        length = None if full else self._micro_step + 1
+        if length is not None and length == self._short_window and not self._short_warned:
+            self._short_warned = True
+            warnings.warn(
+                f"step_per_window: step() ended two windows in a row after {length} backward "
+                f"passes, but accum_steps={accum_steps}; set accum_steps to the framework's "
+                f"gradient accumulation steps (mean_of_squares weighs each backward by it)",
+                UserWarning, stacklevel=4)
+        self._short_window = length
 
     def _end_short_window(self, on_triton):
         """Make the current micro-step the window's last on the Triton path: stashed

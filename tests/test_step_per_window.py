@@ -191,3 +191,28 @@ def test_a_closure_running_the_last_backward_inside_step():
             o.step(closure)
             o.zero_grad()
     torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_a_framework_accumulating_fewer_than_accum_steps_gets_a_warning():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AccumSGDM([p], accum_steps=4, fold_in_backward=True, step_per_window=True)
+    with pytest.warns(UserWarning, match="accum_steps") as record:
+        for _ in range(3):
+            for _ in range(2):  # the framework's k is 2
+                (p * 2).sum().backward()
+            opt.step()
+    assert sum("accum_steps" in str(w.message) for w in record) == 1
+    assert opt.num_updates == 3  # every window still ends at step()
+
+
+def test_one_short_last_window_does_not_warn():
+    import warnings
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AccumSGDM([p], accum_steps=2, fold_in_backward=True, step_per_window=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(2):
+            for t in range(5):  # windows of 2, 2, 1 per epoch
+                (p * 2).sum().backward()
+                if t % 2 == 1 or t == 4:
+                    opt.step()
