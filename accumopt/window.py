@@ -188,15 +188,19 @@ class AccumOptimizer(Optimizer):
         return self._micro_step + self._backward_ended
 
     def _position(self):
+        # step_per_window: a backward that has ended but is not counted yet (the next one's
+        # first hook, or step(), counts it) is saved as such.
         return {"micro_step": self._micro_step, "window_accum_steps": self._window_accum_steps,
-                "num_updates": self._num_updates, "updated": self._updated}
+                "num_updates": self._num_updates, "updated": self._updated,
+                "backward_ended": self._backward_ended}
 
     def _set_position(self, position):
         self._micro_step = position["micro_step"]
         self._window_accum_steps = position["window_accum_steps"]
         self._num_updates = position["num_updates"]
         self._updated = position.get("updated", False)
-        self._window_open = self._micro_step > 0
+        self._backward_ended = position.get("backward_ended", False)
+        self._window_open = self._micro_step > 0 or self._backward_ended
         self._window_known = True
 
     def _sync_window(self):
@@ -1021,7 +1025,8 @@ def _ddp_wrapping(params):
 def _check_position(position):
     """The ``"accum"`` entry of a state_dict (absent in torch.optim's: a window boundary)."""
     if position is None:
-        return {"micro_step": 0, "window_accum_steps": None, "num_updates": 0, "updated": False}
+        return {"micro_step": 0, "window_accum_steps": None, "num_updates": 0, "updated": False,
+                "backward_ended": False}
     if not isinstance(position, dict):
         raise ValueError(f"Invalid state_dict: 'accum' is {type(position).__name__} (must be a "
                          f"dict)")
@@ -1037,12 +1042,16 @@ def _check_position(position):
         if window_k is None or not micro_step < window_k:
             raise ValueError(f"Invalid state_dict: micro_step {micro_step} is outside a window "
                              f"of {window_k}")
-    updated = position.get("updated", False)
-    if not isinstance(updated, bool):
-        raise ValueError(f"Invalid updated (state_dict 'accum'): {updated!r} (must be True or "
-                         f"False)")
+    flags = {}
+    for name in ("updated", "backward_ended"):
+        flags[name] = position.get(name, False)
+        if not isinstance(flags[name], bool):
+            raise ValueError(f"Invalid {name} (state_dict 'accum'): {flags[name]!r} (must be "
+                             f"True or False)")
+    if flags["backward_ended"] and window_k is None:
+        raise ValueError("Invalid state_dict: backward_ended is True outside a window")
     return {"micro_step": micro_step, "window_accum_steps": window_k,
-            "num_updates": position["num_updates"], "updated": updated}
+            "num_updates": position["num_updates"], **flags}
 
 
 def as_real(tensor):

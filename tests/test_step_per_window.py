@@ -216,3 +216,38 @@ def test_one_short_last_window_does_not_warn():
                 (p * 2).sum().backward()
                 if t % 2 == 1 or t == 4:
                     opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_between_backwards_keeps_the_window_position(backend):
+    """Frameworks checkpoint between backward passes: the resumed optimizer counts the
+    backwards already folded (micro_step, and the backward beyond accum_steps still raises)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    device = "cpu" if backend == "torch" else DEVICE
+    rows = schedule(2 * K, seed=9)
+
+    def make(values):
+        params = [torch.nn.Parameter(v.detach().clone()) for v in values]
+        return params, AccumSGDM(params, lr=0.1, momentum=0.9, nesterov=True, accum_steps=K,
+                                 fold_in_backward=True, step_per_window=True, backend=backend)
+
+    def go(cut):
+        params, opt = make([torch.ones(s, dtype=dtype, device=device) for s in SHAPES])
+        for t, row in enumerate(rows):
+            sum((p * g.to(device, dtype)).sum() for p, g in zip(params, row)
+                if g is not None).div(K).backward()
+            if t == cut:
+                saved = opt.state_dict()
+                opt.remove_hooks()
+                params, opt = make(params)
+                opt.load_state_dict(saved)
+                assert opt.micro_step == t % K + 1, (t, opt.micro_step)
+            if (t + 1) % K == 0:
+                opt.step()
+        return [p.detach().clone() for p in params]
+
+    want = go(None)
+    for cut in range(2 * K):
+        for i, (a, b) in enumerate(zip(go(cut), want)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: (
+                f"{backend}, checkpoint after backward {cut}, param {i}: {m}"))
