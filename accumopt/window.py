@@ -48,6 +48,9 @@ _INT32_MAX = 2 ** 31 - 1
 # The gradient row's marks (accumopt.kernels.micro_step): folded by a hook this micro-step (and
 # moved on the last), and folded for an export without moving.
 HOOKED, FOLDED = 1, 2
+# The window position's key in every param group of a state_dict (beside the top-level "accum",
+# which torch.distributed.checkpoint drops).
+WINDOW_KEY = "accum_window"
 
 
 class AccumOptimizer(Optimizer):
@@ -853,6 +856,8 @@ class AccumOptimizer(Optimizer):
             packed["params"] = [mapping[id(p)] for p in group["params"]]
             start += len(packed["params"])
             param_groups.append(packed)
+        for packed in param_groups:
+            packed[WINDOW_KEY] = self._position()
         state = {}
         for param, entry in self.state.items():
             if not isinstance(param, torch.Tensor):
@@ -897,7 +902,13 @@ class AccumOptimizer(Optimizer):
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"Invalid state_dict: it has no {key!r} entry")
-        position = _check_position(state_dict.get("accum"))
+        # torch.distributed.checkpoint keeps only "state" and "param_groups": the window
+        # position travels in every saved param group too.
+        position = state_dict.get("accum")
+        if position is None and state_dict.get("param_groups"):
+            first = state_dict["param_groups"][0]
+            position = first.get(WINDOW_KEY) if isinstance(first, dict) else None
+        position = _check_position(position)
         saved_groups = copy.deepcopy(state_dict["param_groups"])
         if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(
                 self.param_groups):
@@ -913,6 +924,7 @@ class AccumOptimizer(Optimizer):
             new = {**{key: group[key] for key in self.defaults}, **saved}
             new.update({key: group[key] for key in RUNTIME_OPTIONS if key in group})
             new.update(self._fixed_options)
+            new.pop(WINDOW_KEY, None)
             new["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 new["param_names"] = group["param_names"]

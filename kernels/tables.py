@@ -27,8 +27,9 @@ KERNEL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.f
 def kernel_can_take(tensor):
     """The kernels take dense, 16-byte aligned fp32 / bf16 / fp16 tensors; the optimizer runs
     any group holding something else on the torch path."""
-    return (tensor.dtype in KERNEL_DTYPES and tensor.is_contiguous()
-            and tensor.data_ptr() % 16 == 0)
+    # A DTensor (an FSDP2 shard) reports data_ptr() 0: its local shard is not in the tables.
+    return (type(tensor).__name__ != "DTensor" and tensor.dtype in KERNEL_DTYPES
+            and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0)
 
 
 # An empty tensor's data_ptr() is 0, the gradient row's "no gradient"; it has no blocks, so this

@@ -47,6 +47,16 @@ def scaled_list(grads: list[Tensor], weight: float) -> list[Tensor]:
     return torch._foreach_mul(grads, weight)
 
 
+def copy_all(targets, sources):
+    """``torch._foreach_copy_``, except for DTensors (FSDP2 shards), which it has no sharding
+    rule for: those are copied one by one."""
+    if any(type(t).__name__ == "DTensor" for t in targets):
+        for target, source in zip(targets, sources):
+            target.copy_(source)
+    else:
+        torch._foreach_copy_(targets, sources)
+
+
 def fold_into_accumulator(grad, accum, first, update, window_weight):
     """The exact variants' fold: accum ← w·g on a parameter's first fold of a window, else
     accum ← accum + w·g. Returns the window gradient so far (Ḡ on the update step).
@@ -72,8 +82,8 @@ def fold_into_accumulators(grads, accums, first, update, window_weight):
     for j, x in zip(direct, scaled_list([grads[j] for j in direct], window_weight)):
         out[j] = x
     if stored:
-        torch._foreach_copy_([accums[j] for j in stored],
-                             scaled_list([grads[j] for j in stored], window_weight))
+        copy_all([accums[j] for j in stored],
+                 scaled_list([grads[j] for j in stored], window_weight))
     if added:
         torch._foreach_add_([accums[j] for j in added], [grads[j] for j in added],
                             alpha=window_weight)

@@ -25,8 +25,8 @@ and runs torch.optim.SGD's step on Ḡ at the update.
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .micro_batch import (fold_into_accumulator, fold_into_accumulators, micro_batch_weights,
-                          scaled, scaled_list)
+from .micro_batch import (copy_all, fold_into_accumulator, fold_into_accumulators,
+                          micro_batch_weights, scaled, scaled_list)
 
 
 def sgdm_micro_step(params, grads, momentum_buffers, fresh, first, update, *, lr, momentum,
@@ -72,7 +72,7 @@ def _multi_tensor_sgdm(params, grads, momentum_buffers, fresh, first, update, *,
             new = [(dev_bufs[j], x) for j, x in zip(first_folds, xs) if is_fresh[j]]
             old = [(dev_bufs[j], x) for j, x in zip(first_folds, xs) if not is_fresh[j]]
             if new:
-                torch._foreach_copy_(*map(list, zip(*new)))
+                copy_all(*map(list, zip(*new)))
             if old:
                 bufs, old_xs = map(list, zip(*old))
                 torch._foreach_mul_(bufs, momentum)
@@ -137,7 +137,7 @@ def _multi_tensor_sgd_update(params, grads, bufs, fresh, *, lr, momentum, dampen
         new = [j for j, f in enumerate(fresh) if f]
         old = [j for j, f in enumerate(fresh) if not f]
         if new:
-            torch._foreach_copy_([bufs[j] for j in new], [grads[j] for j in new])
+            copy_all([bufs[j] for j in new], [grads[j] for j in new])
         if old:
             torch._foreach_mul_([bufs[j] for j in old], momentum)
             torch._foreach_add_([bufs[j] for j in old], [grads[j] for j in old],
