@@ -213,7 +213,8 @@ class AccumOptimizer(Optimizer):
             return
         window = next(iter(self._device_windows.values()))
         micro_step, window_k, updated, num_updates = window.position()
-        self._micro_step, self._window_accum_steps = micro_step, window_k
+        # k 0: the device has not opened a window yet (only dropped micro-batches so far).
+        self._micro_step, self._window_accum_steps = micro_step, window_k or None
         self._updated, self._num_updates = bool(updated), num_updates
         self._window_open = micro_step > 0
         self._window_known = True

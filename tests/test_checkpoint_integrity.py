@@ -206,3 +206,25 @@ def test_triton_group_moved_to_torch_path_keeps_its_window():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: (
                 f"switched at micro-step {t}, param {i}: {m}"))
     gc.collect()
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="Triton cannot run here")
+def test_triton_checkpoint_after_only_dropped_micro_batches_loads():
+    """GradScaler drops on the device before any window opened: the state_dict has no window."""
+    p = torch.nn.Parameter(torch.ones(8, device=DEVICE))
+    opt = AccumSGDM([p], lr=0.1, momentum=0.9, nesterov=True, accum_steps=2, backend="triton")
+    p.grad = torch.ones(8, device=DEVICE)
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    saved = opt.state_dict()
+    assert saved["accum"]["micro_step"] == 0 and saved["accum"]["window_accum_steps"] is None
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = AccumSGDM([q], lr=0.1, momentum=0.9, nesterov=True, accum_steps=2, backend="triton")
+    fresh.load_state_dict(saved)
+    for param, o in ((p, opt), (q, fresh)):
+        for _ in range(2):
+            param.grad = torch.full((8,), 0.5, device=DEVICE)
+            o.step()
+        assert o.updated
+    assert torch.equal(p, q)
