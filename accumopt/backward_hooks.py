@@ -50,8 +50,8 @@ def check_unclaimed(optimizer, params, group_index):
 def register_fold_hooks(optimizer, params):
     """Claim ``params`` for ``optimizer`` and register the hook on each that requires grad;
     return the handles. Call :func:`check_unclaimed` first."""
-    hook = functools.partial(_fold_hook, weakref.ref(optimizer))
     ref = weakref.ref(optimizer)
+    hook = functools.partial(_fold_hook, ref)
     handles = []
     for p in params:
         if p.requires_grad:
@@ -62,9 +62,7 @@ def register_fold_hooks(optimizer, params):
 
 def release(optimizer, params, handles):
     """Remove ``handles`` and give up the claim on ``params`` (those this optimizer holds)."""
-    for handle in handles:
-        handle.remove()
-    handles.clear()
+    _remove_handles(handles)
     for p in params:
         if _live_owner(p) is optimizer:
             del _owners[p]

@@ -27,28 +27,11 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from accumopt import AccumAdamW, AccumSGDM  # noqa: E402
+from accumopt import AccumSGDM  # noqa: E402
 
-K = 3
-N = 7           # micro-batches per epoch: windows 3, 3, 1
-EPOCHS = 2
-WINDOWS = EPOCHS * 3
-LR = 0.05
-RTOL64 = dict(rtol=1e-9, atol=1e-12)
-
-VARIANTS = {
-    "SGDM": (AccumSGDM, dict(momentum=0.9, weight_decay=0.01),
-             torch.optim.SGD, dict(momentum=0.9, weight_decay=0.01)),
-    "AdamW": (AccumAdamW, dict(second_moment="square_of_mean", betas=(0.9, 0.99),
-                               weight_decay=0.1),
-              torch.optim.AdamW, dict(betas=(0.9, 0.99), weight_decay=0.1)),
-}
-# Window clipping needs the window gradient: the exact variants that hold it.
-CLIP_VARIANTS = {
-    "SGDM-nesterov": (AccumSGDM, dict(momentum=0.9, nesterov=True),
-                      torch.optim.SGD, dict(momentum=0.9, nesterov=True)),
-    "AdamW": VARIANTS["AdamW"],
-}
+from integration_setup import (CLIP_VARIANTS, EPOCHS, K, LR, N, RTOL64,  # noqa: E402
+                               VARIANTS, WINDOWS)
+from integration_setup import assert_params_close as _assert_params_close  # noqa: E402
 
 
 def reset_accelerate_state():
@@ -149,10 +132,7 @@ def train(opt_cls, opt_kwargs, *, clip=None, save_at=None, resume=None):
 
 
 def assert_params_close(got, want, what, tol=RTOL64):
-    assert got.keys() == want.keys(), what
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: (
-            f"Accelerate, {what}, parameter {name!r}: {m}"))
+    _assert_params_close("Accelerate", got, want, what, tol)
 
 
 def assert_runs_match(mine, ref, label, windows=WINDOWS, first=0):

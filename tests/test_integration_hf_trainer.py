@@ -29,24 +29,15 @@ from accumopt import AccumAdamW, AccumSGDM  # noqa: E402
 # transformers probes for.
 transformers.logging.set_verbosity_error()
 
-K = 3
-N = 7           # samples per epoch: windows 3, 3, 1
-EPOCHS = 2
-LR = 0.05
-RTOL64 = dict(rtol=1e-9, atol=1e-12)
+from integration_setup import CLIP_VARIANTS, EPOCHS, K, LR, N, RTOL64  # noqa: E402
+from integration_setup import assert_params_close as _assert_params_close  # noqa: E402
 
 # (accumopt class, its kwargs, torch.optim class, its kwargs); both get the same lr (and, where
 # the Trainer builds the optimizer, its two param groups: decay / no decay).
-VARIANTS = {
+HF_VARIANTS = {
     "SGDM": (AccumSGDM, dict(momentum=0.9), torch.optim.SGD, dict(momentum=0.9)),
     "AdamW": (AccumAdamW, dict(second_moment="square_of_mean", betas=(0.9, 0.99)),
               torch.optim.AdamW, dict(betas=(0.9, 0.99))),
-}
-# Window clipping needs the window gradient: the exact variants that hold it.
-CLIP_VARIANTS = {
-    "SGDM-nesterov": (AccumSGDM, dict(momentum=0.9, nesterov=True),
-                      torch.optim.SGD, dict(momentum=0.9, nesterov=True)),
-    "AdamW": VARIANTS["AdamW"],
 }
 
 
@@ -178,10 +169,7 @@ def accum_kwargs(kwargs, **extra):
 
 
 def assert_params_close(got, want, what, tol=RTOL64):
-    assert got.keys() == want.keys(), what
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: (
-            f"HF Trainer, {what}, parameter {name!r}: {m}"))
+    _assert_params_close("HF Trainer", got, want, what, tol)
 
 
 def assert_runs_match(mine, ref, label, tol=RTOL64):
@@ -204,9 +192,9 @@ def assert_runs_match(mine, ref, label, tol=RTOL64):
 
 
 @pytest.mark.parametrize("pass_as", ["tuple", "cls_and_kwargs"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(HF_VARIANTS))
 def test_trainer_accumulation_equals_torch_optim_per_window(tmp_path, variant, pass_as):
-    acc_cls, acc_kw, torch_cls, torch_kw = VARIANTS[variant]
+    acc_cls, acc_kw, torch_cls, torch_kw = HF_VARIANTS[variant]
     mine = run_trainer(tmp_path / "accumopt", acc_cls, accum_kwargs(acc_kw), pass_as=pass_as)
     ref = run_trainer(tmp_path / "torch", torch_cls, torch_kw, pass_as=pass_as)
     assert_runs_match(mine, ref, f"{variant}, optimizer passed as {pass_as}")
@@ -243,7 +231,7 @@ def test_trainer_window_clipping_equals_the_trainers_clipping(tmp_path, variant)
 def test_trainer_resume_from_its_checkpoints_equals_the_uninterrupted_run(tmp_path):
     """The Trainer saves only at window boundaries (after global_step increments): resume
     from one inside the first epoch and one inside the second (its short window behind it)."""
-    acc_cls, acc_kw, torch_cls, torch_kw = VARIANTS["AdamW"]
+    acc_cls, acc_kw, torch_cls, torch_kw = HF_VARIANTS["AdamW"]
     full = run_trainer(tmp_path / "full", acc_cls, accum_kwargs(acc_kw), save_steps=1)
     ref = run_trainer(tmp_path / "torch", torch_cls, torch_kw)
     assert_params_close(full.final, ref.final, "uninterrupted accumopt vs torch.optim")
@@ -270,7 +258,7 @@ def test_trainer_token_weighted_loss_with_padded_labels_gpt2(tmp_path):
     """A causal LM accepts loss kwargs: the Trainer passes num_items_in_batch (the window's
     count of labels != -100) and does not divide the loss; accumopt must add the gradients
     as they come, short window included."""
-    acc_cls, acc_kw, torch_cls, torch_kw = VARIANTS["AdamW"]
+    acc_cls, acc_kw, torch_cls, torch_kw = HF_VARIANTS["AdamW"]
     data = gpt2_data()
     mine = run_trainer(tmp_path / "accumopt", acc_cls, accum_kwargs(acc_kw), model_fn=gpt2_model,
                        data=data, pass_as="cls_and_kwargs")
