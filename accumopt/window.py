@@ -39,6 +39,14 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5 keeps it private; builds without distributed have none
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = ()
+
 from . import backward_hooks
 from .backend import check_backend, triton_can_run
 from .validation import (RUNTIME_OPTIONS, check_accum_steps, check_nonnegative_int,
@@ -584,7 +592,14 @@ class AccumOptimizer(Optimizer):
                                            for g in window.row])
                     # Only tensors folded this window hold Ḡ; the others hold a stale window.
                     held = (window.folds > 0) | marked.to(window.device, non_blocking=True)
-                    norms.append(torch.stack(torch._foreach_norm(accs)) * held)
+                    tensor_norms = torch.stack(torch._foreach_norm(accs))
+                    if isinstance(tensor_norms, DTensor):
+                        # FSDP2 shards: the norm over every shard (a collective, as in
+                        # clip_grad_norm_), then the kernels' local shards are clipped.
+                        from .kernels.tables import local_tensor
+                        tensor_norms = tensor_norms.full_tensor()
+                        accs = [local_tensor(a) for a in accs]
+                    norms.append(tensor_norms * held)
                     accumulators += accs
             else:
                 accs = [as_real(self.state[p]["grad_accum"]) for p in group["params"]
@@ -720,7 +735,7 @@ class AccumOptimizer(Optimizer):
         counting, and mark the tensors folded-not-moved for the launch that follows the clip."""
         buckets = {}
         for param, grad in zip(group["params"], grads):
-            buckets.setdefault((param.device, param.dtype), []).append(grad)
+            buckets.setdefault((param.device, param.dtype), []).append(_shard_like(grad, param))
         for (device, dtype), bucket_grads in buckets.items():
             window = self._device_window(index, group, device, dtype)
             row = [g if g is not None else held for g, held in zip(bucket_grads, window.row)]
@@ -739,7 +754,8 @@ class AccumOptimizer(Optimizer):
         from .kernels import tables
         window = self._device_window(index, group, param.device, param.dtype)
         t = window.index[param]
-        if grad.numel() >= tables.HOOK_LAUNCH_MIN_NUMEL:
+        grad = _shard_like(grad, param)
+        if tables.local_tensor(grad).numel() >= tables.HOOK_LAUNCH_MIN_NUMEL:
             self._triton_launch(group, window, grad, accum_steps, None, None, hook_tensor=t,
                                 fold_only=fold_only)
             window.mark_folded([t], FOLDED if fold_only else HOOKED)
@@ -1065,6 +1081,15 @@ def _check_position(position):
         raise ValueError("Invalid state_dict: backward_ended is True outside a window")
     return {"micro_step": micro_step, "window_accum_steps": window_k,
             "num_updates": position["num_updates"], **flags}
+
+
+def _shard_like(grad, param):
+    """A DTensor gradient laid out as its parameter (the Triton path folds local shards into
+    local shards); FSDP2's reduce-scattered gradients already are."""
+    if isinstance(grad, DTensor) and isinstance(param, DTensor) and \
+            (grad.placements != param.placements or grad.device_mesh != param.device_mesh):
+        return grad.redistribute(param.device_mesh, param.placements)
+    return grad
 
 
 def as_real(tensor):

@@ -12,14 +12,14 @@ import sys
 
 import torch
 
-from benchmarks import suite_convergence, suite_kernels, suite_step, suite_train
+from benchmarks import suite_convergence, suite_kernels, suite_sharded, suite_step, suite_train
 from benchmarks.plots import make_plots
 from benchmarks.progress import Progress
 from benchmarks.report import Results, device_slug, environment, markdown_table
 from benchmarks.timing import copy_gbps
 
 SUITES = {"kernels": suite_kernels, "step": suite_step, "train": suite_train,
-          "convergence": suite_convergence}
+          "convergence": suite_convergence, "sharded": suite_sharded}
 COLUMNS = {
     "kernels": ["fold_GBps", "fold_of_copy", "update_GBps", "update_of_copy"],
     "step": ["fold_wall_ms", "update_wall_ms", "window_wall_ms", "fold_launches",
@@ -27,6 +27,8 @@ COLUMNS = {
     "train": ["peak_memory", "fp32_grad_bytes_saved", "tokens_per_s", "throughput_vs_standard",
               "backward_ms", "loss_after_4_windows", "loss_after_2_windows"],
     "convergence": ["final_train_loss", "final_val_loss"],
+    "sharded": ["carried_MiB", "peak_over_start_MiB", "params_state_MiB", "boundary_extra_MiB",
+                "comm_MiB"],
 }
 
 

@@ -24,12 +24,22 @@ FOLDED = _FOLDED.value  # the gradient row's "folded for an export, not moved ye
 KERNEL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def local_tensor(tensor):
+    """What the kernels address: the tensor itself, or a DTensor's local shard (an FSDP2
+    parameter, its gradient and its state; a DTensor's own data_ptr() is 0). The fold and the
+    move are elementwise, so each rank runs them on its own shards."""
+    if type(tensor).__name__ != "DTensor":
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local()
+
+
 def kernel_can_take(tensor):
-    """The kernels take dense, 16-byte aligned fp32 / bf16 / fp16 tensors; the optimizer runs
-    any group holding something else on the torch path."""
-    # A DTensor (an FSDP2 shard) reports data_ptr() 0: its local shard is not in the tables.
-    return (type(tensor).__name__ != "DTensor" and tensor.dtype in KERNEL_DTYPES
-            and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0)
+    """The kernels take dense, 16-byte aligned fp32 / bf16 / fp16 tensors (for a DTensor, its
+    local shard); the optimizer runs any group holding something else on the torch path."""
+    tensor = local_tensor(tensor)
+    return (tensor.dtype in KERNEL_DTYPES and tensor.is_contiguous()
+            and tensor.data_ptr() % 16 == 0)
 
 
 # An empty tensor's data_ptr() is 0, the gradient row's "no gradient"; it has no blocks, so this
@@ -38,14 +48,17 @@ EMPTY_ADDRESS = 16
 
 
 def _addresses(tensors):
-    return [0 if t is None else t if isinstance(t, int) else t.data_ptr() or EMPTY_ADDRESS
-            for t in tensors]
+    return [0 if t is None else t if isinstance(t, int) else
+            local_tensor(t).data_ptr() or EMPTY_ADDRESS for t in tensors]
 
 
 def _kernel_ready(grad):
     """The gradient itself, or a dense aligned copy when the kernel cannot take it (a view at an
     odd offset is contiguous but misaligned: a fresh allocation is aligned)."""
-    if grad is None or isinstance(grad, int) or kernel_can_take(grad):
+    if grad is None or isinstance(grad, int):
+        return grad
+    grad = local_tensor(grad)
+    if kernel_can_take(grad):
         return grad
     return grad.clone(memory_format=torch.contiguous_format)
 
@@ -77,7 +90,7 @@ class DeviceWindow:
         rows = [_addresses(self.params), [0] * n] + [_addresses(slot) for slot in self.slots]
         rows += [[0] * n] * (N_SLOTS - len(rows))
         self.table = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        numels = [p.numel() for p in self.params]
+        numels = [local_tensor(p).numel() for p in self.params]
         self.numels = torch.tensor(numels, dtype=torch.int64, device=self.device)
         chunks = [math.ceil(numel / BLOCK) for numel in numels]
         self.chunks = chunks
@@ -122,7 +135,7 @@ class DeviceWindow:
 
     def stash(self, t, grad):
         self.row[t] = grad
-        self.stashed_numel += grad.numel()
+        self.stashed_numel += local_tensor(grad).numel()
 
     def stashed(self):
         """The gradient row holding only the stashed gradients (for a flush)."""

@@ -6,6 +6,12 @@ is the mean over its own rows. FSDP2's reduce-scatter averages over ranks, so ev
 rank-averaged gradient is the gradient of the global batch's mean loss whatever the world size:
 a 2-rank and a 3-rank run (and a single process on the global batch) see the same gradients.
 
+Three model setups: DOUBLE (float64, nested fully_shard: each Linear and the root) for the torch
+path; FP32, the same in float32, for the Triton kernels (which take fp32 / bf16 / fp16 local
+shards); TIED_MP, an embedding tied to the output head, nested wrapping and a mixed-precision
+policy (bf16 compute, fp32 reduce, fp32 shards), with k = 2 so that the references' loss / k is
+exact in bf16 as well.
+
 Every scenario catches its own exception and stores it as a string, so one failing scenario
 neither hangs nor hides the others; the parent asserts on the strings."""
 import datetime
@@ -20,10 +26,10 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from accumopt import AccumAdamW, AccumSGDM
+from accumopt import AccumAdam, AccumAdamW, AccumSGDM
 
 K, WINDOWS = 3, 2
 GLOBAL_ROWS = 12
@@ -39,9 +45,15 @@ EXACT = {
                      torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
     "sgdm": (AccumSGDM, dict(lr=0.1, momentum=0.9),
              torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    "sgd": (AccumSGDM, dict(lr=0.1, momentum=0.0, weight_decay=1e-2),
+            torch.optim.SGD, dict(lr=0.1, weight_decay=1e-2)),
+    "adam-square_of_mean": (AccumAdam, dict(lr=1e-2, weight_decay=1e-2,
+                                            second_moment="square_of_mean"),
+                            torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-2)),
     "adamw-square_of_mean": (AccumAdamW, dict(lr=1e-2, second_moment="square_of_mean"),
                              torch.optim.AdamW, dict(lr=1e-2)),
 }
+TIED_MP_OPTS = ("adamw-square_of_mean", "sgd-nesterov")
 MEAN_OF_SQUARES = (AccumAdamW, dict(lr=1e-2))    # weight_decay 1e-2, betas, eps: defaults
 CLIPPED = (AccumSGDM, dict(lr=0.1, momentum=0.9, nesterov=True, max_grad_norm=MAX_NORM),
            torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))
@@ -59,13 +71,34 @@ MODES = {
 }
 
 
-def plain_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+class Setup:
+    """A model and its data: ``make(seed)`` the fully_shard model, ``plain(seed)`` the same
+    model unsharded, ``batch(world_size, rank, i)`` rank r's chunk of micro-step i's global
+    batch, ``loss(model, x, y)`` its mean loss, ``k`` the micro-steps per window."""
+
+    def __init__(self, name, plain, shard, data, loss, k):
+        self.name, self.plain, self._shard, self._data, self.loss, self.k = \
+            name, plain, shard, data, loss, k
+
+    def make(self, seed=0):
+        return self._shard(self.plain(seed))
+
+    def global_batch(self, i):
+        return self._data(torch.Generator().manual_seed(1000 + i))
+
+    def batch(self, world_size, rank, i):
+        x, y = self.global_batch(i)
+        return x.chunk(world_size)[rank], y.chunk(world_size)[rank]
 
 
-def fsdp_model(seed=0):
-    model = plain_model(seed)
+def mlp(dtype):
+    def plain(seed=0):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+    return plain
+
+
+def shard_each_linear(model):
     for module in model:
         if isinstance(module, nn.Linear):
             fully_shard(module)
@@ -73,19 +106,77 @@ def fsdp_model(seed=0):
     return model
 
 
+def mlp_data(dtype):
+    def data(gen):
+        return (torch.randn(GLOBAL_ROWS, 8, generator=gen, dtype=dtype),
+                torch.randn(GLOBAL_ROWS, 4, generator=gen, dtype=dtype))
+    return data
+
+
+def mse(model, x, y):
+    return nn.functional.mse_loss(model(x), y)
+
+
+class TiedLM(nn.Module):
+    """Embedding -> Linear -> tanh -> head, the head's weight the embedding's (one parameter)."""
+    VOCAB, WIDTH, SEQ = 10, 8, 3
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(self.VOCAB, self.WIDTH)
+        self.mid = nn.Linear(self.WIDTH, self.WIDTH)
+        self.head = nn.Linear(self.WIDTH, self.VOCAB, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x))))
+
+
+def tied_plain(seed=0):
+    torch.manual_seed(seed)
+    return TiedLM()
+
+
+def tied_shard(model):
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard(model.mid, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)      # the tied weight belongs to the root
+    return model
+
+
+def tied_data(gen):
+    shape = (GLOBAL_ROWS, TiedLM.SEQ)
+    return (torch.randint(0, TiedLM.VOCAB, shape, generator=gen),
+            torch.randint(0, TiedLM.VOCAB, shape, generator=gen))
+
+
+def tied_loss(model, x, y):
+    return nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+
+
+DOUBLE = Setup("double", mlp(torch.float64), shard_each_linear, mlp_data(torch.float64), mse, K)
+FP32 = Setup("fp32", mlp(torch.float32), shard_each_linear, mlp_data(torch.float32), mse, K)
+TIED_MP = Setup("tied-mp", tied_plain, tied_shard, tied_data, tied_loss, 2)
+
+
+def plain_model(seed=0):
+    return DOUBLE.plain(seed)
+
+
+def fsdp_model(seed=0):
+    return DOUBLE.make(seed)
+
+
 def global_batch(i):
-    gen = torch.Generator().manual_seed(1000 + i)
-    return (torch.randn(GLOBAL_ROWS, 8, generator=gen, dtype=torch.float64),
-            torch.randn(GLOBAL_ROWS, 4, generator=gen, dtype=torch.float64))
+    return DOUBLE.global_batch(i)
 
 
 def local_batch(world_size, rank, i):
-    x, y = global_batch(i)
-    return x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+    return DOUBLE.batch(world_size, rank, i)
 
 
 def loss_of(model, x, y):
-    return nn.functional.mse_loss(model(x), y)
+    return mse(model, x, y)
 
 
 def full(value):
@@ -141,19 +232,20 @@ def guarded(fn, *args):
 
 # ----- the loops ------------------------------------------------------------------------------
 
-def torch_loop(rank, world_size, torch_cls, torch_kwargs, no_sync=False, clip=None):
-    """Standard accumulation with torch.optim on an FSDP2 model: loss / K per micro-step, step()
-    after K; reduce-scatter every micro-step, or set_requires_gradient_sync(False) until the last
+def torch_loop(rank, world_size, torch_cls, torch_kwargs, no_sync=False, clip=None,
+               setup=DOUBLE):
+    """Standard accumulation with torch.optim on an FSDP2 model: loss / k per micro-step, step()
+    after k; reduce-scatter every micro-step, or set_requires_gradient_sync(False) until the last
     micro-step. With clip, clip_grad_norm_ on the accumulated .grad before each step."""
-    model = fsdp_model()
+    model, k = setup.make(), setup.k
     opt = torch_cls(model.parameters(), **torch_kwargs)
     snapshots, norms = [], []
-    for i in range(WINDOWS * K):
-        last = (i + 1) % K == 0
+    for i in range(WINDOWS * k):
+        last = (i + 1) % k == 0
         if no_sync:
             model.set_requires_gradient_sync(last)
-        x, y = local_batch(world_size, rank, i)
-        (loss_of(model, x, y) / K).backward()
+        x, y = setup.batch(world_size, rank, i)
+        (setup.loss(model, x, y) / k).backward()
         if last:
             if clip is not None:
                 norms.append(full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
@@ -163,27 +255,35 @@ def torch_loop(rank, world_size, torch_cls, torch_kwargs, no_sync=False, clip=No
     return {"params": snapshots, "norms": norms}
 
 
-def accum_micro_step(model, opt, rank, world_size, i, mode, grads_after_backward=None):
-    x, y = local_batch(world_size, rank, i)
-    loss = loss_of(model, x, y)
-    (loss / K if mode == "window" else loss).backward()
+def accum_micro_step(model, opt, rank, world_size, i, mode, grads_after_backward=None,
+                     setup=DOUBLE):
+    x, y = setup.batch(world_size, rank, i)
+    loss = setup.loss(model, x, y)
+    (loss / setup.k if mode == "window" else loss).backward()
     if grads_after_backward is not None:
         grads_after_backward.append([name for name, p in model.named_parameters()
                                      if p.grad is not None])
-    if mode != "window" or (i + 1) % K == 0:
+    if mode != "window" or (i + 1) % setup.k == 0:
         opt.step()
         opt.zero_grad()
 
 
-def accum_loop(rank, world_size, cls, kwargs, mode):
-    model = fsdp_model()
-    opt = cls(model.parameters(), accum_steps=K, backend="torch", **MODES[mode], **kwargs)
-    snapshots, norms, updated, grads_after_backward = [], [], [], []
+def accum_loop(rank, world_size, cls, kwargs, mode, setup=DOUBLE, backend="torch",
+               no_sync=False):
+    """accumopt on the FSDP2 model in ``mode``. ``no_sync`` (the framework loop only):
+    set_requires_gradient_sync(False) until the window's last backward, as Accelerate does for
+    FSDP2 unless sync_each_batch=True."""
+    model, k = setup.make(), setup.k
+    opt = cls(model.parameters(), accum_steps=k, backend=backend, **MODES[mode], **kwargs)
+    snapshots, norms, updated, grads_after_backward, triton_buckets = [], [], [], [], []
     try:
-        for i in range(WINDOWS * K):
+        for i in range(WINDOWS * k):
+            if no_sync:
+                model.set_requires_gradient_sync((i + 1) % k == 0)
             accum_micro_step(model, opt, rank, world_size, i, mode,
-                             grads_after_backward if mode != "step" else None)
-            if (i + 1) % K == 0:
+                             grads_after_backward if mode != "step" else None, setup)
+            triton_buckets.append(len(opt._device_windows))
+            if (i + 1) % k == 0:
                 updated.append((opt.updated, opt.num_updates))
                 snapshots.append(full_params(model))
                 if kwargs.get("max_grad_norm") is not None:
@@ -192,7 +292,7 @@ def accum_loop(rank, world_size, cls, kwargs, mode):
         if hasattr(opt, "remove_hooks"):
             opt.remove_hooks()
     return {"params": snapshots, "norms": norms, "updated": updated,
-            "grads_after_backward": grads_after_backward}
+            "grads_after_backward": grads_after_backward, "triton_buckets": triton_buckets}
 
 
 # ----- checkpoints ------------------------------------------------------------------------------
@@ -267,6 +367,33 @@ def run_all(rank, world_size, out_dir, reshard_from):
     for mode in MODES:
         results[("accum", "clipped", mode)] = guarded(accum_loop, rank, world_size, cls, kwargs,
                                                       mode)
+    for name, (cls, kwargs, torch_cls, torch_kwargs) in EXACT.items():
+        results[("torch-fp32", name)] = guarded(torch_loop, rank, world_size, torch_cls,
+                                                torch_kwargs, False, None, FP32)
+        for mode in MODES:
+            results[("triton", name, mode)] = guarded(accum_loop, rank, world_size, cls, kwargs,
+                                                      mode, FP32, "triton")
+    cls, kwargs, torch_cls, torch_kwargs = CLIPPED
+    results[("torch-fp32", "clipped")] = guarded(torch_loop, rank, world_size, torch_cls,
+                                                 torch_kwargs, False, MAX_NORM, FP32)
+    for mode in MODES:
+        results[("triton", "clipped", mode)] = guarded(accum_loop, rank, world_size, cls, kwargs,
+                                                       mode, FP32, "triton")
+        for backend in ("torch", "triton"):
+            results[(backend + "-fp32", "adamw-mean_of_squares", mode)] = guarded(
+                accum_loop, rank, world_size, *MEAN_OF_SQUARES, mode, FP32, backend)
+    for name, (cls, kwargs, _, _) in EXACT.items():
+        results[("accum-no-sync", name)] = guarded(accum_loop, rank, world_size, cls, kwargs,
+                                                   "window", DOUBLE, "torch", True)
+    for name in TIED_MP_OPTS:
+        cls, kwargs, torch_cls, torch_kwargs = EXACT[name]
+        for no_sync in (False, True):
+            results[("torch-tied-mp", name, no_sync)] = guarded(
+                torch_loop, rank, world_size, torch_cls, torch_kwargs, no_sync, None, TIED_MP)
+        for backend in ("torch", "triton"):
+            for mode in MODES:
+                results[("tied-mp", name, backend, mode)] = guarded(
+                    accum_loop, rank, world_size, cls, kwargs, mode, TIED_MP, backend)
     for name in DCP_OPTS:
         for point in SAVE_POINTS:
             results[("dcp", name, point)] = guarded(dcp_resume, rank, world_size, name, point,
