@@ -4,10 +4,13 @@ Call ``step()`` once per micro-batch; each micro-batch gradient is folded straig
 optimizer's moments and the parameters move once every ``accum_steps`` micro-batches.
 """
 from .adam import AccumAdam, AccumAdamW
+from .lion import AccumLion
+from .muon import AccumMuon
 from .schedulers import per_update
 from .sgdm import AccumSGDM
+from .tiger import AccumTiger, tiger_param_groups
 from .window import AccumOptimizer
 
 __version__ = "0.1.0"
-__all__ = ["AccumSGDM", "AccumAdam", "AccumAdamW", "AccumOptimizer", "per_update",
-           "__version__"]
+__all__ = ["AccumSGDM", "AccumAdam", "AccumAdamW", "AccumTiger", "AccumLion", "AccumMuon",
+           "AccumOptimizer", "tiger_param_groups", "per_update", "__version__"]

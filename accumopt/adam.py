@@ -1,17 +1,14 @@
 """AccumAdam and AccumAdamW: Adam(W), gradient accumulation inside the optimizer."""
+import functools
 import numbers
 
 import torch
 
+from .family import Variant, _get_scalar_dtype, kernel
 from .functional.adam import adam_mean_of_squares_micro_step, adam_square_of_mean_micro_step
-from .validation import SECOND_MOMENTS, as_float, check_betas, check_bool, check_choice, check_nonnegative
-from .window import AccumOptimizer, as_real
-
-try:
-    from torch.optim.optimizer import _get_scalar_dtype
-except ImportError:  # pragma: no cover - older torch
-    def _get_scalar_dtype():
-        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+from .validation import (SECOND_MOMENTS, as_float, check_betas, check_bool, check_choice,
+                         check_nonnegative)
+from .window import AccumOptimizer
 
 
 class AccumAdam(AccumOptimizer):
@@ -62,20 +59,15 @@ class AccumAdam(AccumOptimizer):
                              "each micro-batch into m and v). Use second_moment="
                              "\"square_of_mean\" (it keeps Ḡ), or max_grad_norm=None")
 
-    def _init_state(self, group, param, state):
-        """Every key from the first fold on: torch.optim.Adam's (``step``, ``exp_avg``,
-        ``exp_avg_sq``, ``max_exp_avg_sq`` with amsgrad), the fold count and, for
-        square_of_mean, the accumulator of Ḡ."""
-        if "window_folds" not in state:
-            state["window_folds"] = 0
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-        elif not torch.is_tensor(state["step"]):
-            state["step"] = torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())
-        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()) \
-                + (("grad_accum",) if group["second_moment"] == "square_of_mean" else ()):
-            if key not in state:
-                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    def _variant(self, group):
+        return _adam_variant(group["second_moment"], group["amsgrad"])
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(lr=as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    amsgrad=group["amsgrad"], maximize=group["maximize"])
 
     def _check_state(self, group, param, entry):
         step = entry.get("step")
@@ -94,70 +86,25 @@ class AccumAdam(AccumOptimizer):
         moments = [key for key in ("exp_avg", "exp_avg_sq") if key in entry]
         if step is not None and len(moments) != 2:
             raise ValueError("it has a step but not both of exp_avg and exp_avg_sq")
-        for key in moments + [k for k in ("max_exp_avg_sq", "grad_accum") if k in entry]:
-            if not isinstance(entry[key], torch.Tensor):
-                raise ValueError(f"{key} is {type(entry[key]).__name__} (must be a Tensor)")
-        if entry["window_folds"] and group["second_moment"] == "square_of_mean" and \
-                "grad_accum" not in entry:
-            raise ValueError("a window is open (window_folds > 0) but there is no grad_accum")
+        super()._check_state(group, param, entry)
         if entry["window_folds"] and step is None:
             raise ValueError("a window is open (window_folds > 0) but there is no step")
 
-    def _run_micro_step(self, group, params, grads, first, update, accum_steps, grad_scale):
-        exact = group["second_moment"] == "square_of_mean"
-        states = [self.state[p] for p in params]
-        beta1, beta2 = group["betas"]
-        hyper = dict(lr=as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                     weight_decay=group["weight_decay"],
-                     decoupled_weight_decay=group["decoupled_weight_decay"],
-                     amsgrad=group["amsgrad"], maximize=group["maximize"],
-                     accum_steps=accum_steps, accum_reduction=self._reduction(group),
-                     grad_scale=grad_scale, foreach=self._use_foreach(group, params))
-        tensors = [[as_real(p) for p in params], [as_real(g) for g in grads]]
-        if exact:
-            tensors.append([as_real(s["grad_accum"]) for s in states])
-        tensors += [[as_real(s[key]) for s in states] for key in ("exp_avg", "exp_avg_sq")]
-        tensors.append([as_real(s.get("max_exp_avg_sq")) for s in states])
-        tensors.append([s["step"] for s in states])
-        micro_step = adam_square_of_mean_micro_step if exact else adam_mean_of_squares_micro_step
-        micro_step(*tensors, first, update, **hyper)
 
-    def _window_state(self, group, state):
-        if group["second_moment"] == "mean_of_squares":
-            return [state["exp_avg"], state["exp_avg_sq"]]
-        return [state["grad_accum"]]
-
-    # The Triton path: the update count lives on the device, and ``step`` is a view of it.
-
-    def _triton_slots(self, group, state):
-        moments = (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
-        if group["second_moment"] == "mean_of_squares":
-            return moments
-        return (state["grad_accum"],) + moments
-
-    def _triton_initial_updates(self, group, state):
-        return float(state["step"])
-
-    def _triton_state(self, group, updates):
-        # ``step`` as torch.optim keeps it: a CPU scalar tensor.
-        return {"step": torch.tensor(float(updates), dtype=_get_scalar_dtype())}
-
-    def _triton_built(self, window, states):
-        for i, state in enumerate(states):
-            state["step"] = window.updates[i]
-
-    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf, **launch):
-        from . import kernels
-        beta1, beta2 = group["betas"]
-        micro_step = (kernels.adam_mean_of_squares_micro_step
-                      if group["second_moment"] == "mean_of_squares"
-                      else kernels.adam_square_of_mean_micro_step)
-        micro_step(window, grads, lr=as_float(group["lr"]), beta1=beta1, beta2=beta2,
-                   eps=group["eps"], weight_decay=group["weight_decay"],
-                   decoupled_weight_decay=group["decoupled_weight_decay"],
-                   amsgrad=group["amsgrad"], maximize=group["maximize"],
-                   accum_steps=accum_steps, accum_reduction=self._reduction(group),
-                   grad_scale=grad_scale, found_inf=found_inf, **launch)
+@functools.lru_cache(maxsize=None)
+def _adam_variant(second_moment, amsgrad):
+    """mean_of_squares folds into m and v (bufferless); square_of_mean keeps the accumulator of
+    Ḡ (``grad_accum``) and runs torch.optim.Adam's step on it. ``max_exp_avg_sq`` exists with
+    amsgrad; ``step`` counts updates, on the device on the Triton path."""
+    moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    created = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    if second_moment == "mean_of_squares":
+        return Variant("adam mean_of_squares", moments, adam_mean_of_squares_micro_step,
+                       kernel("adam_mean_of_squares_micro_step"),
+                       averaged=("exp_avg", "exp_avg_sq"), created=created, counter="step")
+    return Variant("adam square_of_mean", ("grad_accum",) + moments,
+                   adam_square_of_mean_micro_step, kernel("adam_square_of_mean_micro_step"),
+                   averaged=("grad_accum",), created=("grad_accum",) + created, counter="step")
 
 
 class AccumAdamW(AccumAdam):

@@ -1,9 +1,8 @@
 """AccumSGDM: SGD with momentum, gradient accumulation inside the optimizer."""
-import torch
-
+from .family import Variant, kernel
 from .functional.sgd import sgd_exact_micro_step, sgdm_micro_step
 from .validation import as_float, check_bool, check_nonnegative
-from .window import AccumOptimizer, as_real
+from .window import AccumOptimizer
 
 
 class AccumSGDM(AccumOptimizer):
@@ -60,87 +59,31 @@ class AccumSGDM(AccumOptimizer):
                              f"(got momentum={group['momentum']!r}, "
                              f"dampening={group['dampening']!r})")
 
-    def _init_state(self, group, param, state):
-        """Every key from the first fold on: the momentum buffer (None when momentum is 0, as
-        torch.optim.SGD keeps it), ``momentum_fresh`` (no update has gone into the buffer yet:
-        torch's first step copies the gradient in without dampening), the fold count and, for
-        nesterov and momentum=0, the accumulator of Ḡ."""
-        if "window_folds" not in state:
-            state["window_folds"] = 0
-        if group["momentum"] == 0:
-            state.setdefault("momentum_buffer", None)
-        elif state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["momentum_fresh"] = True
-        else:
-            state.setdefault("momentum_fresh", False)
-        if not _bufferless(group) and "grad_accum" not in state:
-            state["grad_accum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _check_state(self, group, param, entry):
-        buf = entry.get("momentum_buffer")
-        if buf is not None and not isinstance(buf, torch.Tensor):
-            raise ValueError(f"momentum_buffer is {type(buf).__name__} (must be a Tensor or None)")
-        fresh = entry.get("momentum_fresh", False)
-        if not isinstance(fresh, bool):
-            raise ValueError(f"momentum_fresh is {fresh!r} (must be True or False)")
-        if entry["window_folds"] and not _bufferless(group) and \
-                not isinstance(entry.get("grad_accum"), torch.Tensor):
-            raise ValueError("a window is open (window_folds > 0) but there is no grad_accum")
-        if entry["window_folds"] and _bufferless(group) and buf is None:
-            raise ValueError("a window is open (window_folds > 0) but there is no "
-                             "momentum_buffer")
-
-    def _run_micro_step(self, group, params, grads, first, update, accum_steps, grad_scale):
-        momentum = group["momentum"]
-        hyper = dict(lr=as_float(group["lr"]), momentum=momentum, dampening=group["dampening"],
-                     weight_decay=group["weight_decay"], maximize=group["maximize"],
-                     accum_steps=accum_steps, accum_reduction=self._reduction(group),
-                     grad_scale=grad_scale, foreach=self._use_foreach(group, params))
-        states = [self.state[p] for p in params]
-        fresh = [state.get("momentum_fresh", False) for state in states]
+    def _variant(self, group):
         if _bufferless(group):
-            # The buffer is the accumulator; a fresh one takes the window without dampening.
-            sgdm_micro_step([as_real(p) for p in params], [as_real(g) for g in grads],
-                            [as_real(s["momentum_buffer"]) for s in states], fresh, first,
-                            update, **hyper)
-        else:
-            sgd_exact_micro_step([as_real(p) for p in params], [as_real(g) for g in grads],
-                                 [as_real(s["grad_accum"]) for s in states],
-                                 [as_real(s["momentum_buffer"]) for s in states],
-                                 [f and moved for f, moved in zip(fresh, update)], first,
-                                 update, nesterov=group["nesterov"], **hyper)
-        for state, moved in zip(states, update):
-            if moved and momentum != 0:
-                state["momentum_fresh"] = False
+            return SGDM
+        return SGD_EXACT if group["momentum"] != 0 else SGD_EXACT_NO_MOMENTUM
 
-    def _window_state(self, group, state):
-        return [state["momentum_buffer"] if _bufferless(group) else state["grad_accum"]]
-
-    # The Triton path: "fresh" (no update yet) is a zero update count on the device.
-
-    def _triton_slots(self, group, state):
-        if _bufferless(group):
-            return (state["momentum_buffer"],)
-        return state["grad_accum"], state["momentum_buffer"]
-
-    def _triton_initial_updates(self, group, state):
-        return 0.0 if state.get("momentum_fresh", False) else 1.0
-
-    def _triton_state(self, group, updates):
-        return {"momentum_fresh": updates == 0} if group["momentum"] != 0 else {}
-
-    def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf, **launch):
-        from . import kernels
+    def _hyper(self, group):
         hyper = dict(lr=as_float(group["lr"]), momentum=group["momentum"],
                      dampening=group["dampening"], weight_decay=group["weight_decay"],
-                     maximize=group["maximize"], accum_steps=accum_steps,
-                     accum_reduction=self._reduction(group), grad_scale=grad_scale,
-                     found_inf=found_inf, **launch)
-        if _bufferless(group):
-            kernels.sgdm_micro_step(window, grads, **hyper)
-        else:
-            kernels.sgd_exact_micro_step(window, grads, nesterov=group["nesterov"], **hyper)
+                     maximize=group["maximize"])
+        if not _bufferless(group):
+            hyper["nesterov"] = group["nesterov"]
+        return hyper
+
+
+# The buffer is the accumulator; ``momentum_fresh`` (no update into it yet: torch's first step
+# copies the gradient in without dampening) is a zero update count on the device.
+SGDM = Variant("sgd momentum", ("momentum_buffer",), sgdm_micro_step, kernel("sgdm_micro_step"),
+               averaged=("momentum_buffer",), counter="fresh")
+# Nesterov and momentum = 0 keep the accumulator of Ḡ and run torch.optim.SGD's step on it; the
+# buffer is None with momentum = 0, as torch.optim.SGD keeps it.
+SGD_EXACT = Variant("sgd exact", ("grad_accum", "momentum_buffer"), sgd_exact_micro_step,
+                    kernel("sgd_exact_micro_step"), averaged=("grad_accum",), counter="fresh")
+SGD_EXACT_NO_MOMENTUM = Variant("sgd", ("grad_accum", "momentum_buffer"), sgd_exact_micro_step,
+                                kernel("sgd_exact_micro_step"), averaged=("grad_accum",),
+                                kept_none=("momentum_buffer",), counter="fresh")
 
 
 def _bufferless(group):

@@ -55,7 +55,7 @@ def check_window_args(group):
     check_nonnegative("weight_decay", group["weight_decay"])
     check_accum_steps(group["accum_steps"])
     check_choice("accum_reduction", group["accum_reduction"], ACCUM_REDUCTIONS)
-    check_bool("maximize", group["maximize"])
+    check_bool("maximize", group.get("maximize", False))
     check_bool("fold_in_backward", group["fold_in_backward"])
     check_bool("step_per_window", group["step_per_window"])
     if group["step_per_window"] and not group["fold_in_backward"]:
@@ -92,19 +92,19 @@ def check_torch_flags(group):
     """torch.optim's own flags, with torch's meaning where one applies: ``foreach`` picks the
     torch path's multi-tensor form, ``fused=True`` the Triton kernels; ``capturable`` and
     ``differentiable`` are accepted as False."""
-    check_optional_bool("foreach", group["foreach"])
-    check_optional_bool("fused", group["fused"])
-    check_bool("capturable", group["capturable"])
-    check_bool("differentiable", group["differentiable"])
-    if group["fused"] and group["backend"] == "torch":
+    check_optional_bool("foreach", group.get("foreach"))
+    check_optional_bool("fused", group.get("fused"))
+    check_bool("capturable", group.get("capturable", False))
+    check_bool("differentiable", group.get("differentiable", False))
+    if group.get("fused") and group["backend"] == "torch":
         raise ValueError("Invalid fused: True asks for the Triton kernels, but backend='torch' "
                          "never runs them (use backend='auto' or 'triton', or fused=None)")
-    if group["capturable"]:
+    if group.get("capturable"):
         raise ValueError("Invalid capturable: True is not supported (a step() is not CUDA-graph "
                          "capturable: it copies gradient addresses from the host). The Triton "
                          "path already keeps its window counters and Adam's step on the device; "
                          "use capturable=False")
-    if group["differentiable"]:
+    if group.get("differentiable"):
         raise ValueError("Invalid differentiable: True is not supported (accumopt's step folds "
                          "gradients in place under no_grad); use differentiable=False")
 

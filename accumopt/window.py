@@ -65,17 +65,13 @@ class AccumOptimizer(Optimizer):
     """Base class of the accumopt optimizers: one ``step()`` per micro-batch, a parameter
     update every ``accum_steps`` of them.
 
-    Subclasses define ``_check_group(group)`` for their own hyperparameters,
-    ``_init_state(group, param, state)`` (fill in every state key the variant keeps; idempotent),
-    ``_check_state(group, param, entry)`` (validate a loaded entry),
-    ``_run_micro_step(group, params, grads, first, update, accum_steps, grad_scale)``, which folds
-    ``grads`` (None: update-only) into the state of ``params`` and moves those with ``update``,
-    ``_window_state(group, state)`` (the tensors ranks average), and for the Triton path
-    ``_triton_slots(group, state)`` (the variant's slot tensors), ``_triton_initial_updates(
-    group, state)``, ``_triton_state(group, updates)`` (the host state keys the device's update
-    count stands for) and ``_triton_launch(group, window, grads, accum_steps, grad_scale,
-    found_inf, **launch)`` (``launch``: DeviceWindow.launch's ``hook_tensor`` / ``flush``).
-    ``_fixed_options`` are group options the class forces whatever it is given or loads.
+    A family subclasses it with ``_check_group(group)`` for its own hyperparameters,
+    ``_variant(group)``, the :class:`accumopt.family.Variant` a param group runs (its state
+    slots, its fold and its move), and ``_hyper(group)``, the hyperparameters both of the
+    variant's paths take. Everything else (state keys, both paths, state_dict shaping, load
+    validation, the distributed average) follows from the Variant. ``_check_state(group, param,
+    entry)`` may add checks of its own; ``_fixed_options`` are group options the class forces
+    whatever it is given or loads.
     """
 
     # step() unscales by GradScaler's grad_scale while folding and drops a micro-batch on its
@@ -300,33 +296,39 @@ class AccumOptimizer(Optimizer):
     def _check_group(self, group):
         raise NotImplementedError
 
-    def _init_state(self, group, param, state):
+    def _variant(self, group):
         raise NotImplementedError
+
+    def _hyper(self, group):
+        raise NotImplementedError
+
+    # ----- what the variant declares, for the window ------------------------------------------
+
+    def _init_state(self, group, param, state):
+        self._variant(group).init_state(param, state)
 
     def _check_state(self, group, param, entry):
-        raise NotImplementedError
+        self._variant(group).check_state(entry)
 
     def _run_micro_step(self, group, params, grads, first, update, accum_steps, grad_scale):
-        raise NotImplementedError
+        """Fold ``grads`` (None: update-only) into the state of ``params`` and move those with
+        ``update``: the variant's functional form."""
+        hyper = dict(self._hyper(group), accum_steps=accum_steps,
+                     accum_reduction=self._reduction(group), grad_scale=grad_scale,
+                     foreach=self._use_foreach(group, params))
+        self._variant(group).run(params, grads, [self.state[p] for p in params], first, update,
+                                 hyper, as_real)
 
     def _window_state(self, group, state):
         """The state tensors that hold a parameter's window: what ranks average."""
-        raise NotImplementedError
-
-    def _triton_slots(self, group, state):
-        raise NotImplementedError
-
-    def _triton_initial_updates(self, group, state):
-        raise NotImplementedError
-
-    def _triton_state(self, group, updates):
-        raise NotImplementedError
+        return self._variant(group).window_tensors(state)
 
     def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf, **launch):
-        raise NotImplementedError
-
-    def _triton_built(self, window, states):
-        """Called once a DeviceWindow is built over ``states`` (Adam ties ``step`` to it)."""
+        """The variant's Triton launcher (``launch``: DeviceWindow.launch's ``hook_tensor`` /
+        ``flush`` / ``fold_only``)."""
+        self._variant(group).kernel(window, grads, **self._hyper(group), accum_steps=accum_steps,
+                                    accum_reduction=self._reduction(group),
+                                    grad_scale=grad_scale, found_inf=found_inf, **launch)
 
     # ----- step -------------------------------------------------------------------------------
 
@@ -398,6 +400,7 @@ class AccumOptimizer(Optimizer):
         if self._step_per_window() and not last:
             # The framework ends a short window (an epoch's last): what hooks folded this
             # micro-step is folded, not moved; the device is told the window ends here.
+            self._move_in_torch_now(on_triton)
             launch_k = self._end_short_window(on_triton)
             last = True
         # With a process group or clipping the last micro-step only folds: the move follows
@@ -491,6 +494,19 @@ class AccumOptimizer(Optimizer):
                 f"gradient accumulation steps (mean_of_squares weighs each backward by it)",
                 UserWarning, stacklevel=4)
         self._short_window = length
+
+    def _move_in_torch_now(self, on_triton):
+        """A short window ends on Triton groups whose move runs on the torch path: their
+        device folds so far (stashed gradients folded first) go back to the host state, and the
+        torch path moves them."""
+        moving = [index for index, runs in enumerate(on_triton)
+                  if runs and self._variant(self.param_groups[index]).move_in_torch]
+        if moving:
+            self._flush_stashes()
+        for index in moving:
+            self._retire_device_windows(index)
+            on_triton[index] = False
+            self._micro_step_cache[("runs_triton", index)] = False
 
     def _end_short_window(self, on_triton):
         """Make the current micro-step the window's last on the Triton path: stashed
@@ -702,7 +718,14 @@ class AccumOptimizer(Optimizer):
         torch path). Worked out once per micro-step."""
         key = ("runs_triton", index)
         if key not in self._micro_step_cache:
-            self._micro_step_cache[key] = self._kernels_take(group)
+            runs = self._kernels_take(group)
+            if runs and self._variant(group).move_in_torch:
+                # The kernels fold; the window's last micro-step, which moves, is the torch
+                # path's (the host knows where the window is, after one sync at most).
+                self._sync_window()
+                k = self._window_accum_steps if self._window_open else self._read_accum_steps()
+                runs = self._micro_step + 1 != k
+            self._micro_step_cache[key] = runs
         return self._micro_step_cache[key]
 
     def _kernels_take(self, group):
@@ -713,6 +736,8 @@ class AccumOptimizer(Optimizer):
             return False
         if backend == "auto" and not (all(p.is_cuda for p in params)
                                       and triton_can_run(params)):
+            return False
+        if self._variant(group).kernel is None:
             return False
         from .kernels import kernel_can_take
         return all(kernel_can_take(p) for p in params)
@@ -791,7 +816,7 @@ class AccumOptimizer(Optimizer):
             states = [self.state[p] for p in params]
             for p, s in zip(params, states):
                 self._init_state(group, p, s)
-            slots = list(zip(*[self._triton_slots(group, s) for s in states]))
+            slots = list(zip(*[self._variant(group).device_slots(s) for s in states]))
             if window is None or not window.matches(params, slots):
                 # Every window of the group is retired (and rebuilt when next used): a tensor
                 # may have moved between buckets, and its counters must come along.
@@ -808,11 +833,11 @@ class AccumOptimizer(Optimizer):
         from .kernels import DeviceWindow
         self._sync_window()
         folds = [state["window_folds"] for state in states]
-        updates = [self._triton_initial_updates(group, state) for state in states]
+        updates = [self._variant(group).initial_updates(state) for state in states]
         window = DeviceWindow(params, slots, folds, updates,
                               (self._micro_step, self._window_accum_steps or 0,
                                int(self._updated), self._num_updates))
-        self._triton_built(window, states)
+        self._variant(group).tie_to_window(window, states)
         return window
 
     def _window_counters(self, key, window):
@@ -830,7 +855,7 @@ class AccumOptimizer(Optimizer):
                 f, u = (0, u + 1) if last else (f + 1, u)
             elif isinstance(mark, int) and mark == FOLDED:
                 f += 1
-            out[param] = {"window_folds": int(f), **self._triton_state(group, u)}
+            out[param] = {"window_folds": int(f), **self._variant(group).state_of_updates(u)}
         return out
 
     def _device_state(self):

@@ -1,6 +1,6 @@
 """convergence: a byte-level language model (benchmarks.gpt) on text every Python install ships,
 the standard library's own .py sources, trained on the same micro-batches in the same order by
-six methods; the mean training loss of every window and the final loss on held-out text.
+each method below; the mean training loss of every window and the final loss on held-out text.
 
 The methods:
 
@@ -11,21 +11,67 @@ The methods:
 * torch-optimi's optimizer accumulation (an EMA step of its moments per micro-batch);
 * Su's β̃ recipe: torch.optim.AdamW stepped every micro-batch with β → 1-(1-β)/k and lr zero
   between updates;
-* small-batch AdamW: torch.optim.AdamW stepped every micro-batch (k times the updates)."""
+* small-batch AdamW: torch.optim.AdamW stepped every micro-batch (k times the updates);
+* each new family against its own standard accumulation (loss / k, the optimizer stepped once
+  per window on .grad): Lion and Tiger (the standard run steps AccumLion / AccumTiger with
+  accum_steps=1, which is the rule itself), Muon for the hidden matrices with AdamW for the
+  rest (torch.optim.Muon + torch.optim.AdamW against AccumMuon + AccumAdamW square_of_mean,
+  both stepped in one loop). The accumulating run must end on its standard run's loss."""
 import glob
 import os
 import sysconfig
 
 import torch
 
-from accumopt import AccumAdamW
+from accumopt import AccumAdamW, AccumLion, AccumMuon, AccumTiger, tiger_param_groups
 from benchmarks import peers
 from benchmarks.gpt import GPT
 
 SUITE = "convergence"
 IMPLS = ["standard accumulation AdamW", "AccumAdamW square_of_mean",
          "AccumAdamW mean_of_squares", "torch-optimi accumulation", "Su beta-tilde AdamW",
-         "small-batch AdamW"]
+         "small-batch AdamW", "standard accumulation Lion", "AccumLion",
+         "standard accumulation Tiger", "AccumTiger", "standard accumulation Muon+AdamW",
+         "AccumMuon+AccumAdamW"]
+# Each family's lr as a multiple of AdamW's: Lion's sign steps want a smaller one, Tiger's
+# RMS-relative steps (lr·RMS(θ) per element) and Muon's orthogonalised ones a larger one.
+FAMILY_LR = {"Lion": 0.2, "Tiger": 10.0, "Muon": 10.0}
+
+
+class Both:
+    """Two optimizers stepped as one (Muon's matrices, AdamW's rest), as in the README."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self):
+        for opt in self.optimizers:
+            opt.zero_grad()
+
+
+def family_optimizer(impl, model, lr, k):
+    """The optimizer of a family run: accum_steps=k for accumopt's, 1 for the standard run (an
+    accumopt optimizer with accum_steps=1 steps the rule itself on .grad)."""
+    family = impl.split()[-1].replace("Accum", "").split("+")[0]
+    steps = 1 if impl.startswith("standard") else k
+    if family == "Lion":
+        return AccumLion(model.parameters(), lr=lr * FAMILY_LR["Lion"], accum_steps=steps)
+    if family == "Tiger":
+        return AccumTiger(tiger_param_groups(model), lr=lr * FAMILY_LR["Tiger"],
+                          accum_steps=steps)
+    matrices = [p for name, p in model.named_parameters()
+                if p.ndim == 2 and name.startswith("blocks.")]
+    rest = [p for name, p in model.named_parameters()
+            if not (p.ndim == 2 and name.startswith("blocks."))]
+    if impl.startswith("standard"):
+        return Both(torch.optim.Muon(matrices, lr=lr * FAMILY_LR["Muon"]),
+                    torch.optim.AdamW(rest, lr=lr))
+    return Both(AccumMuon(matrices, lr=lr * FAMILY_LR["Muon"], accum_steps=k),
+                AccumAdamW(rest, lr=lr, accum_steps=k, second_moment="square_of_mean"))
 
 
 def setup(device, quick):
@@ -65,6 +111,10 @@ def train_one(impl, config, hp, train_tokens, val_tokens, device):
                          second_moment=impl.split()[1])
     elif impl == "torch-optimi accumulation":
         optimi_run = peers.OptimiAccumulation(model, k, lr=lr, triton=device == "cuda")
+    elif impl.startswith("standard accumulation") and impl != "standard accumulation AdamW" \
+            or impl.startswith("AccumLion") or impl.startswith("AccumTiger") \
+            or impl.startswith("AccumMuon"):
+        opt = family_optimizer(impl, model, lr, k)
     elif impl == "Su beta-tilde AdamW":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(1 - 0.1 / k, 1 - 0.001 / k))
     else:
@@ -75,7 +125,7 @@ def train_one(impl, config, hp, train_tokens, val_tokens, device):
         last = (i + 1) % k == 0
         loss = model(x.to(device), y.to(device))
         window_losses.append(loss.item())
-        if impl == "standard accumulation AdamW":
+        if impl.startswith("standard accumulation"):
             (loss / k).backward()
             if last:
                 opt.step()
@@ -102,12 +152,28 @@ def train_one(impl, config, hp, train_tokens, val_tokens, device):
 
 
 def impls():
-    return [i for i in IMPLS if i != "torch-optimi accumulation" or peers.optimi() is not None]
+    return [i for i in IMPLS if (i != "torch-optimi accumulation" or peers.optimi() is not None)
+            and ("Muon" not in i or hasattr(torch.optim, "Muon"))]
 
 
 def run(device, quick, results, progress):
     if peers.optimi() is None:
         results.note(SUITE, peers.MISSING)
+    if device == "cpu":
+        # Subnormal floats are slow on CPUs (GPUs flush them on their fast paths): without this
+        # the sign-based runs take ten times as long. It applies to every method alike.
+        results.note(SUITE, "CPU run with subnormals flushed to zero (torch.set_flush_denormal)")
+        flushed = torch.set_flush_denormal(True)
+        try:
+            _run(device, quick, results, progress)
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)
+        return
+    _run(device, quick, results, progress)
+
+
+def _run(device, quick, results, progress):
     config, hp = setup(device, quick)
     tokens = corpus(hp["corpus"])
     split = int(len(tokens) * 0.95)

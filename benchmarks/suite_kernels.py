@@ -4,13 +4,16 @@ standard accumulation and torch-optimi's optimizer accumulation.
 
 Bytes per element are those the operation must move at the least, 4 per fp32 value read or
 written: accumopt AdamW fold 5 (read g, m, v; write m, v), update 7 (also read and write θ);
-SGDM fold 3, update 5. Standard accumulation's micro-step is autograd's ``.grad += g`` (3); its
-update micro-step adds the optimizer step (AdamW 7, SGD-momentum 5) to that. optimi counts as
-accumopt AdamW.
+SGDM fold 3, update 5; Tiger fold 3 (g, m; write m), update 5; Lion fold 3 (g, acc; write acc),
+update 6 (g, acc, m, θ; write m, θ); Muon fold 3, update 5 plus Newton–Schulz's matmuls (its
+update is not a bandwidth figure). Tiger, Lion and Muon fold with the kernels and run the
+window's last micro-step (sign, RMS, Newton–Schulz) in torch. Standard accumulation's
+micro-step is autograd's ``.grad += g`` (3); its update micro-step adds the optimizer step
+(AdamW 7, SGD-momentum 5) to that. optimi counts as accumopt AdamW.
 """
 import torch
 
-from accumopt import AccumAdamW, AccumSGDM
+from accumopt import AccumAdamW, AccumLion, AccumMuon, AccumSGDM, AccumTiger
 from benchmarks import peers
 from benchmarks.shapes import gpt2_shapes, llama_shapes
 from benchmarks.timing import median_ms
@@ -20,7 +23,11 @@ FOLD_FOREVER = 2 ** 30  # accum_steps that never ends a window: every step is a 
 BYTES = {  # (fold, update) values moved per element
     "adamw": {"accumopt": (5, 7), "standard": (3, 10), "optimi": (5, 7)},
     "sgdm": {"accumopt": (3, 5), "standard": (3, 8)},
+    "tiger": {"accumopt": (3, 5)},
+    "lion": {"accumopt": (3, 6)},
+    "muon": {"accumopt": (3, 5)},
 }
+MATRICES_ONLY = {"muon"}
 
 
 def cases(device, quick):
@@ -30,7 +37,9 @@ def cases(device, quick):
     else:
         sizes = [2 ** 16, 2 ** 18]
         lists = [("gpt2-tiny", gpt2_shapes(n_layer=2, d_model=64, vocab=1024, n_ctx=64))]
-    return [(f"2^{n.bit_length() - 1}", [(n,)]) for n in sizes] + lists
+    # The power-of-two sizes as 1024-wide matrices (Muon takes matrices only; the rest are
+    # elementwise and see no difference).
+    return [(f"2^{n.bit_length() - 1}", [(n // 1024, 1024)]) for n in sizes] + lists
 
 
 def impls(device):
@@ -38,7 +47,9 @@ def impls(device):
     found = []
     backends = (["triton"] if device == "cuda" else []) + ["torch"]
     for backend in backends:
-        for variant, cls, kw in (("adamw", AccumAdamW, {}), ("sgdm", AccumSGDM, {"lr": 1e-3})):
+        for variant, cls, kw in (("adamw", AccumAdamW, {}), ("sgdm", AccumSGDM, {"lr": 1e-3}),
+                                 ("tiger", AccumTiger, {}), ("lion", AccumLion, {}),
+                                 ("muon", AccumMuon, {})):
             found.append((f"accumopt {backend}", variant, "accumopt",
                           _accumopt(cls, dict(kw, backend=backend))))
     flavours = ["foreach"] + (["fused"] if device == "cuda" else [])
@@ -103,6 +114,9 @@ def run(device, quick, results, progress):
     for case, shapes in cases(device, quick):
         numel = sum(torch.Size(s).numel() for s in shapes)
         for name, variant, family, make in impls(device):
+            if variant in MATRICES_ONLY and any(len(s) != 2 for s in shapes):
+                progress.advance(f"{SUITE}: {case} {name} {variant} (not matrices: skipped)")
+                continue
             params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
             for p in params:
                 p.grad = torch.randn_like(p)

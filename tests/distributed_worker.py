@@ -4,7 +4,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from accumopt import AccumAdam, AccumAdamW, AccumSGDM
+from accumopt import AccumAdam, AccumAdamW, AccumLion, AccumMuon, AccumSGDM, AccumTiger
 
 SHAPES = [(3, 2), (5,), (4,)]
 K, WINDOWS = 2, 2
@@ -20,25 +20,34 @@ SCENARIOS = {
                                              max_grad_norm=0.5)),
     "adamw-square_of_mean-clipped": (AccumAdamW, dict(lr=1e-2, second_moment="square_of_mean",
                                                       max_grad_norm=0.5)),
+    "tiger": (AccumTiger, dict(lr=1e-2, weight_decay=0.1)),
+    "lion": (AccumLion, dict(lr=1e-2, weight_decay=0.1)),
+    "muon": (AccumMuon, dict(lr=2e-2)),
+    "muon-no-nesterov": (AccumMuon, dict(lr=2e-2, nesterov=False)),
 }
+MATRIX_SHAPES = [(3, 2), (4, 3), (2, 2)]   # Muon takes matrices only
 
 
-def schedule(world_size, seed=0):
+def shapes_of(name):
+    return MATRIX_SHAPES if name.startswith("muon") else SHAPES
+
+
+def schedule(world_size, seed=0, shapes=SHAPES):
     """grads[window][rank][t][i]: parameter i's gradient on rank's micro-step t, or None.
     Parameter 2 gets no gradient anywhere in window 0 (DDP's unused parameter)."""
     gen = torch.Generator().manual_seed(seed)
-    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     grads = []
     for w in range(WINDOWS):
         grads.append([[[None if (i == 2 and w == 0) or (i == 1 and (r + t) % 3 == 1)
                         else torch.randn(s, generator=gen, dtype=torch.float64)
-                        for i, s in enumerate(SHAPES)] for t in range(K)]
+                        for i, s in enumerate(shapes)] for t in range(K)]
                       for r in range(world_size)])
     return init, grads
 
 
-def run_scenario(rank, world_size, cls, kwargs, hook):
-    init, grads = schedule(world_size)
+def run_scenario(rank, world_size, cls, kwargs, hook, shapes=SHAPES):
+    init, grads = schedule(world_size, shapes=shapes)
     params = [torch.nn.Parameter(p.clone()) for p in init]
     opt = cls(params, accum_steps=K, fold_in_backward=hook, process_group=dist.group.WORLD,
               **kwargs)
@@ -113,7 +122,8 @@ def worker(rank, world_size, port, out_dir):
     results = {}
     for name, (cls, kwargs) in SCENARIOS.items():
         for hook in (False, True):
-            results[(name, hook)] = run_scenario(rank, world_size, cls, kwargs, hook)
+            results[(name, hook)] = run_scenario(rank, world_size, cls, kwargs, hook,
+                                                 shapes_of(name))
     results["ddp"] = run_ddp(rank, world_size)
 
     def mismatched_accum_steps():

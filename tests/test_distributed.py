@@ -1,7 +1,8 @@
 """process_group: each rank folds its own micro-batches, the window is averaged across ranks on
 the update step, in step and fold_in_backward modes. Two and three CPU ranks on gloo (loopback):
 the ranks end bitwise equal and equal one process running all ranks' micro-batches as one window
-(torch.optim on Ḡ for the exact variants, Su's rule written out for mean_of_squares), with DDP's
+(torch.optim on Ḡ for the exact variants, Su's rule written out for mean_of_squares, Tiger's and
+Lion's rules on Ḡ written out), with DDP's
 semantics for a parameter no rank touched (a zero gradient). DDP + no_sync gives the same; ranks
 that disagree on accum_steps or start from different parameters get a clear error."""
 import socket
@@ -11,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_worker import K, SCENARIOS, WINDOWS, ddp_batches, schedule, worker
-from reference import su_mean_of_squares
+from distributed_worker import K, SCENARIOS, WINDOWS, ddp_batches, schedule, shapes_of, worker
+from reference import lion_on_mean, su_mean_of_squares, tiger_on_mean
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -20,6 +21,13 @@ TORCH_REFERENCE = {"sgdm": torch.optim.SGD, "sgdm-sum": torch.optim.SGD,
                    "sgd-nesterov": torch.optim.SGD, "adamw-square_of_mean": torch.optim.AdamW,
                    "sgd-nesterov-clipped": torch.optim.SGD,
                    "adamw-square_of_mean-clipped": torch.optim.AdamW}
+if hasattr(torch.optim, "Muon"):
+    TORCH_REFERENCE.update({"muon": torch.optim.Muon, "muon-no-nesterov": torch.optim.Muon})
+
+# The families with no torch.optim class: their rule on the window gradient, written out (every
+# parameter stepped, on a zero gradient where no rank gave it one: DDP's semantics).
+PLAIN_REFERENCE = {"tiger": tiger_on_mean, "lion": lion_on_mean}
+PLAIN_FLAGS = {"tiger": dict(beta=0.965, lr_scale="rms"), "lion": dict(betas=(0.9, 0.99))}
 
 
 def free_port():
@@ -37,16 +45,16 @@ def ranks(request, tmp_path_factory):
                         for r in range(world_size)]
 
 
-def single_process_windows(world_size):
+def single_process_windows(world_size, name=""):
     """All ranks' micro-batches of a window as one window of world_size * K micro-batches, every
     parameter given a gradient (zeros where no micro-batch had one)."""
-    init, grads = schedule(world_size)
+    init, grads = schedule(world_size, shapes=shapes_of(name))
     flat = [[row for rank_rows in window for row in rank_rows] for window in grads]
     return init, flat
 
 
-def torch_reference(world_size, cls, kwargs):
-    init, windows = single_process_windows(world_size)
+def torch_reference(world_size, cls, kwargs, name=""):
+    init, windows = single_process_windows(world_size, name)
     reduction = kwargs.get("accum_reduction", "mean")
     params = [torch.nn.Parameter(p.clone()) for p in init]
     opt = cls(params, **{k: v for k, v in kwargs.items()
@@ -74,7 +82,15 @@ def test_ranks_equal_one_process_running_all_micro_batches(ranks, name, hook):
                 assert torch.equal(a, b), f"rank {rank} differs from rank 0: window {w}, param {i}"
     cls, kwargs = SCENARIOS[name]
     if name in TORCH_REFERENCE:
-        want = torch_reference(world_size, TORCH_REFERENCE[name], kwargs)
+        want = torch_reference(world_size, TORCH_REFERENCE[name], kwargs, name)
+    elif name.startswith("muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    elif name in PLAIN_REFERENCE:
+        init, windows = single_process_windows(world_size)
+        rows = [[g if g is not None else torch.zeros_like(p) for g, p in zip(row, init)]
+                for window in windows for row in window]
+        want = [theta for theta, _ in PLAIN_REFERENCE[name](
+            init, rows, world_size * K, **PLAIN_FLAGS[name], **kwargs)]
     else:
         init, windows = single_process_windows(world_size)
         flags = {k: kwargs.get(k, d) for k, d in (("weight_decay", 0.0), ("amsgrad", False))}

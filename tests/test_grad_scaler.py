@@ -3,7 +3,7 @@ folded and not counted toward the window."""
 import pytest
 import torch
 
-from accumopt import AccumAdam, AccumSGDM
+from accumopt import AccumAdam, AccumLion, AccumSGDM, AccumTiger
 from reference import make_problem, run_accum
 
 
@@ -34,7 +34,9 @@ def scaled_run(cls, init, schedule, bad, accum_steps, unscale_first=False, **kwa
 @pytest.mark.parametrize("cls,kwargs", [(AccumAdam, dict()),
                                         (AccumAdam, dict(second_moment="square_of_mean")),
                                         (AccumSGDM, dict(momentum=0.9)),
-                                        (AccumSGDM, dict(momentum=0.9, nesterov=True))])
+                                        (AccumSGDM, dict(momentum=0.9, nesterov=True)),
+                                        (AccumTiger, dict(lr=1e-2)),
+                                        (AccumLion, dict(lr=1e-2))])
 @pytest.mark.parametrize("unscale_first", [False, True])
 def test_inf_micro_batch_is_dropped_and_not_counted(cls, kwargs, unscale_first):
     k = 3

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from accumopt import AccumAdam, AccumAdamW, AccumSGDM
+from accumopt import AccumAdam, AccumAdamW, AccumLion, AccumSGDM, AccumTiger
 from reference import make_problem, su_mean_of_squares, window_gradient, windows_of
 
 VARIANTS = [
@@ -16,6 +16,9 @@ VARIANTS = [
     (AccumAdam, dict(second_moment="square_of_mean", weight_decay=0.1)),
     (AccumAdamW, dict(second_moment="square_of_mean", amsgrad=True)),
     (AccumAdamW, dict()),
+    (AccumTiger, dict(weight_decay=0.1)),
+    (AccumTiger, dict(lr_scale="row_rms")),
+    (AccumLion, dict(weight_decay=0.1)),
 ]
 IDS = [f"{cls.__name__}-{kw}" for cls, kw in VARIANTS]
 K = 3
@@ -148,6 +151,8 @@ def test_state_dict_keys_are_the_same_at_every_window_position():
         (AccumAdam, dict(second_moment="square_of_mean", amsgrad=True),
          {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "window_folds", "grad_accum"}),
         (AccumAdamW, {}, {"step", "exp_avg", "exp_avg_sq", "window_folds"}),
+        (AccumTiger, {}, {"exp_avg", "window_folds"}),
+        (AccumLion, {}, {"exp_avg", "grad_accum", "window_folds"}),
     ]:
         params = [torch.nn.Parameter(init[0].clone())]
         opt = cls(params, accum_steps=K, **kwargs)

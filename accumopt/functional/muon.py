@@ -118,3 +118,20 @@ def _muon_move(param, direction, *, lr, weight_decay, ns_coefficients, eps, ns_s
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     param.add_(ortho, alpha=-adjusted_lr)
+
+
+def muon_nesterov_micro_step(params, grads, grad_accums, momentum_buffers, first, update, *,
+                             nesterov=True, **hyper):
+    """:func:`muon_micro_step` with nesterov=True: Ḡ folded into ``grad_accums``."""
+    assert nesterov, "the accumulator form is nesterov's"
+    muon_micro_step(params, grads, grad_accums, momentum_buffers, first, update, nesterov=True,
+                    **hyper)
+
+
+def muon_momentum_micro_step(params, grads, momentum_buffers, first, update, *, nesterov=False,
+                             **hyper):
+    """:func:`muon_micro_step` with nesterov=False: bufferless, the momentum buffer is the
+    accumulator."""
+    assert not nesterov, "the bufferless form is nesterov=False's"
+    muon_micro_step(params, grads, [None] * len(params), momentum_buffers, first, update,
+                    nesterov=False, **hyper)
