@@ -163,6 +163,10 @@ def _window(method, model, opt, divisor, rank, window, width, tracker=None, mapp
             if not last:
                 held.append(mapped())
     peaks["held"] = min(held) if held else 0
+    if mapped:
+        # The window's boundary: the lesser of the readings before it and after it (a buffer
+        # gloo's thread frees a moment late shows up in one of them only).
+        peaks["start"] = min(peaks["start"], mapped())
     return peaks
 
 

@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from accumopt import AccumAdam, AccumAdamW, AccumSGDM
+from accumopt import AccumAdam, AccumAdamW, AccumLion, AccumSGDM, AccumTiger
 from reference import make_problem
 from triton_device import TRITON_RUNS
 
-CLASSES = [(AccumSGDM, dict(momentum=0.9)), (AccumAdam, {}), (AccumAdamW, {})]
+CLASSES = [(AccumSGDM, dict(momentum=0.9)), (AccumAdam, {}), (AccumAdamW, {}),
+           (AccumTiger, dict(weight_decay=0.1)), (AccumLion, dict(weight_decay=0.1))]
 
 
 def run(cls, init, schedule, k=2, **kwargs):
