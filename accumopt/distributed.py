@@ -7,8 +7,12 @@ ranks gives the state one process would have after all ranks' micro-batches, so 
 makes the same move.
 
 The state travels in buckets: the parameters in reverse order (about the order backward finishes
-them), split by device and dtype and cut at ``BUCKET_NUMEL`` elements, each bucket flattened into
-one tensor and all-reduced with SUM, then divided by the world size: every rank gets the same bits.
+them), split by device and dtype and cut at ``BUCKET_NUMEL`` elements, each bucket one flat
+tensor all-reduced with SUM, then divided by the world size: every rank gets the same bits. Once
+a bucket's state exists, its tensors become views of that flat tensor (each segment padded to 16
+bytes, so the Triton kernels take them), and the all-reduce runs in place with no copies; a
+bucket whose state cannot be one flat tensor (complex, strided, DTensor, mixed) is copied into one
+for the collective and back.
 Buckets are issued strictly in order, each as soon as all its parameters are ready (from
 fold_in_backward's hooks, overlapping backward) and the rest by the update step, so the
 collectives of every rank always pair up. Before the first bucket of a window goes a small
@@ -31,6 +35,7 @@ class WindowAverager:
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self._buckets = []        # lists of params, in issue order
+        self._flat = []           # per bucket: (flat tensor, offsets) its state is a view of
         self._reset()
 
     def _reset(self):
@@ -82,6 +87,35 @@ class WindowAverager:
         if current:
             buckets.append(current)
         self._buckets = buckets
+        self._flat = [None] * len(buckets)
+
+    def bind_flat(self, keys_of, state):
+        """Make each bucket's window state (``state[p][key]`` for ``key in keys_of[p]``) views of
+        one flat tensor per bucket, copying the values in where they are not already; return the
+        parameters whose state tensors were replaced. Buckets whose state is missing or cannot be
+        flat stay as they are (copied for each all-reduce)."""
+        moved = []
+        for b, bucket in enumerate(self._buckets):
+            entries = [(p, key) for p in bucket for key in keys_of[p]]
+            tensors = [state.get(p, {}).get(key) for p, key in entries]
+            if not tensors or not all(_flat_ready(t, tensors[0]) for t in tensors):
+                self._flat[b] = None
+                continue
+            if self._flat[b] is not None and _views_of(tensors, *self._flat[b]):
+                continue
+            align = max(1, 16 // tensors[0].element_size())
+            sizes = [-(-t.numel() // align) * align for t in tensors]
+            flat = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=tensors[0].device)
+            offsets, offset = [], 0
+            for (p, key), t, size in zip(entries, tensors, sizes):
+                view = flat[offset:offset + t.numel()].view(t.shape)
+                view.copy_(t)
+                state[p][key] = view
+                offsets.append(offset)
+                offset += size
+            self._flat[b] = (flat, offsets)
+            moved += bucket
+        return moved
 
     def set_params(self, params):
         """The optimizer's parameters, in param-group order (called as groups are added)."""
@@ -101,7 +135,11 @@ class WindowAverager:
             tensors = [t for p in bucket for t in window_state(p)]
             if self._check is None:
                 self._start_check(accum_steps, num_updates, tensors[0].device)
-            flat = torch.cat([_real(t).reshape(-1) for t in tensors])
+            bound = self._flat[len(self._issued)]
+            if bound is not None and _views_of(tensors, *bound):
+                flat, tensors = bound[0], None       # in place: the state is the flat tensor
+            else:
+                flat = torch.cat([_real(t).reshape(-1) for t in tensors])
             work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
             self._issued.append((work, flat, tensors))
 
@@ -116,12 +154,29 @@ class WindowAverager:
         for work, flat, tensors in self._issued:
             work.wait()
             flat.div_(self.world_size)
+            if tensors is None:
+                continue
             offset = 0
             for t in tensors:
                 view = _real(t)
                 view.copy_(flat[offset:offset + view.numel()].view_as(view))
                 offset += view.numel()
         self._reset()
+
+
+def _flat_ready(tensor, first):
+    """Whether a state tensor can be a view of a bucket's flat tensor (with ``first``'s)."""
+    return (tensor is not None and tensor.__class__ is torch.Tensor and tensor.is_contiguous()
+            and not tensor.is_complex() and tensor.dtype == first.dtype
+            and tensor.device == first.device)
+
+
+def _views_of(tensors, flat, offsets):
+    """Whether ``tensors`` still are the views of ``flat`` at ``offsets``."""
+    base, size = flat.data_ptr(), flat.element_size()
+    return len(tensors) == len(offsets) and all(
+        t.data_ptr() == base + offset * size and t.dtype == flat.dtype
+        for t, offset in zip(tensors, offsets))
 
 
 def _real(tensor):

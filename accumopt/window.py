@@ -108,6 +108,7 @@ class AccumOptimizer(Optimizer):
         self._device_windows = {}         # (group index, device, dtype) -> DeviceWindow
         self._hooked = set()              # parameters hooks folded in this micro-step
         self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
+        self._plans = {}                  # group index -> _TritonPlan (Triton path)
         # step_per_window: the autograd graph tasks of this micro-step's backward (id -> ended)
         self._backward_tasks = {}
         self._backward_max_task = -1      # the newest graph task a hook has run in
@@ -372,10 +373,11 @@ class AccumOptimizer(Optimizer):
             for index, runs in enumerate(on_triton):
                 if not runs:
                     self._retire_device_windows(index)
-        if found_inf is not None and all(on_triton) and not self._clips():
+        if found_inf is not None and all(on_triton) and not self._clips() and \
+                self._averager is None:
             # The kernels skip on found_inf and count the window on the device: no sync. The
-            # device takes accum_steps from the groups when its window starts. (A clipped
-            # window must know its update step on the host: found_inf is read below.)
+            # device takes accum_steps from the groups when its window starts. (A clipped or
+            # averaged window must know its update step on the host: found_inf is read below.)
             accum_steps = self._read_accum_steps()
             for index, group in enumerate(self.param_groups):
                 self._triton_micro_step(index, group, grads[index], accum_steps, grad_scale,
@@ -523,10 +525,10 @@ class AccumOptimizer(Optimizer):
                 window.set_window_length(length)
         return length  # the launch's accum_steps: the window length where it starts now
 
-    @torch.no_grad()
     def _fold_in_backward(self, param):
         """The fold_in_backward hook: fold ``param``'s finished gradient (moving the parameter
-        if this is the window's last micro-step) and free it."""
+        if this is the window's last micro-step) and free it. Called once per parameter per
+        backward, so the common path does no more than it must."""
         grad = param.grad
         index = self._group_index.get(param)
         if grad is None or index is None or not self.param_groups[index]["fold_in_backward"]:
@@ -546,23 +548,35 @@ class AccumOptimizer(Optimizer):
         self._sync_window()
         accum_steps = self._accum_steps_now()
         last = self._micro_step + 1 == accum_steps
+        if torch.is_grad_enabled():      # autograd runs hooks with grad mode off, unless
+            with torch.no_grad():        # create_graph=True
+                self._hook_fold(index, group, param, grad, accum_steps, last)
+        else:
+            self._hook_fold(index, group, param, grad, accum_steps, last)
+        param.grad = None
+        self._hooked.add(param)
+
+    def _hook_fold(self, index, group, param, grad, accum_steps, last):
+        """The fold of one hook, under no_grad."""
         if self._runs_triton(index, group):
-            self._check_triton_accum_steps()
+            if "accum_steps checked" not in self._micro_step_cache:
+                self._check_triton_accum_steps()
+                self._micro_step_cache["accum_steps checked"] = True
             self._triton_fold_in_backward(index, group, param, grad, accum_steps,
-                                          fold_only=last and self._clips())
+                                          fold_only=last and (self._clips() or
+                                                              self._averager is not None))
         else:
             self._retire_device_windows(index)
             if (self._averager is not None or self._clips()) and last:
-                # Fold only: the move follows the window's average and clipping. With a process
-                # group the parameter's bucket goes out as soon as all of it is folded.
+                # Fold only: the move follows the window's average and clipping. With a
+                # process group the parameter's bucket goes out as soon as all of it is
+                # folded.
                 self._fold_group(group, [param], [grad], accum_steps, last, None, move=False)
                 if self._averager is not None:
                     self._averager.ready(param, self._window_state_of, accum_steps,
                                          self._num_updates)
             else:
                 self._fold_group(group, [param], [grad], accum_steps, last, None)
-        param.grad = None
-        self._hooked.add(param)
 
     def _finish_window(self, accum_steps, on_triton, launch_k):
         """The update step after a fold-only last micro-step. With a process group every
@@ -570,21 +584,67 @@ class AccumOptimizer(Optimizer):
         fold (its moments decay as on the others) and the window state is averaged across
         ranks; with max_grad_norm the window gradient is clipped; then every parameter moves."""
         if self._averager is not None:
-            for group in self.param_groups:
+            for index, group in enumerate(self.param_groups):
+                if on_triton[index]:
+                    self._triton_fold_zeros(index, group, launch_k)
+                    continue
                 unfolded = [p for p in group["params"] if not self._folds(p)]
                 self._fold_group(group, unfolded, [torch.zeros_like(p) for p in unfolded],
                                  accum_steps, True, None, move=False)
+            self._flatten_window_state(on_triton)
             self._averager.finish(self._all_params(), self._window_state_of, accum_steps,
                                   self._num_updates)
         if self._clips():
             self._clip_window(on_triton)
         for index, group in enumerate(self.param_groups):
             if on_triton[index]:
+                for (i, *_), window in list(self._device_windows.items()):
+                    if i == index:   # a window rebuilt above keeps a short window's end
+                        window.set_window_length(launch_k)
                 self._triton_micro_step(index, group, [None] * len(group["params"]), launch_k,
                                         None, None)
             else:
                 self._fold_group(group, group["params"], [None] * len(group["params"]),
                                  accum_steps, True, None)
+
+    def _triton_fold_zeros(self, index, group, accum_steps):
+        """With a process group every parameter takes part in every window: on the Triton path
+        a tensor no micro-step folded this window gets a fold of zeros (its moments decay as on
+        the ranks that did fold it), fold-only, marked folded for the move. One sync reads the
+        device's fold counts (the all-reduce that follows syncs anyway)."""
+        for (i, *_), window in list(self._device_windows.items()):
+            if i != index:
+                continue
+            folds = window.folds.tolist()
+            unfolded = [t for t, f in enumerate(folds)
+                        if f == 0 and not (isinstance(window.row[t], int) and window.row[t])]
+            if not unfolded:
+                continue
+            row = [None] * len(window.params)
+            for t in unfolded:
+                row[t] = torch.zeros_like(_tables().local_tensor(window.params[t]))
+            self._triton_launch(group, window, row, accum_steps, None, None, flush=True,
+                                fold_only=True)
+            window.mark_folded(unfolded, FOLDED)
+
+    def _flatten_window_state(self, on_triton):
+        """Keep every bucket's window state in one flat tensor per bucket, the state tensors
+        views of it, so that the all-reduce runs in place on it (no copies): built on the first
+        averaged window and whenever a state tensor was replaced (a load, a rebuilt state); the
+        Triton groups whose tensors moved get their device tables rebuilt at once (from the
+        counters they wrote back), for the clip and the move that follow."""
+        moved = self._averager.bind_flat(self._window_state_keys(), self.state)
+        for index in sorted({self._group_index[p] for p in moved}):
+            self._retire_device_windows(index)
+            if on_triton[index]:
+                group = self.param_groups[index]
+                for device, dtype in self._triton_plan(index, group).buckets:
+                    self._device_window(index, group, device, dtype)
+
+    def _window_state_keys(self):
+        """Per parameter, the state keys that hold its window (what ranks average)."""
+        return {p: self._variant(group).averaged for group in self.param_groups
+                for p in group["params"]}
 
     # ----- window clipping ----------------------------------------------------------------------
 
@@ -715,10 +775,10 @@ class AccumOptimizer(Optimizer):
         """Whether a group's micro-step runs the Triton kernels: backend "triton" (or
         fused=True), or "auto" with CUDA tensors and Triton installed; and every parameter one
         the kernels take (anything else, e.g. a non-contiguous or complex parameter, runs the
-        torch path). Worked out once per micro-step."""
+        torch path). Worked out once per micro-step, from the group's plan."""
         key = ("runs_triton", index)
         if key not in self._micro_step_cache:
-            runs = self._kernels_take(group)
+            runs = self._triton_plan(index, group).takes
             if runs and self._variant(group).move_in_torch:
                 # The kernels fold; the window's last micro-step, which moves, is the torch
                 # path's (the host knows where the window is, after one sync at most).
@@ -728,12 +788,36 @@ class AccumOptimizer(Optimizer):
             self._micro_step_cache[key] = runs
         return self._micro_step_cache[key]
 
+    def _triton_plan(self, index, group):
+        """A group's Triton layout, kept across micro-steps while its parameters keep their
+        storage (one data_ptr() per parameter checks it): whether the kernels take the group,
+        its buckets ((device, dtype) -> positions in the group) and whether it holds DTensors.
+        A parameter whose storage is replaced (``p.data = ...``) gets a new plan."""
+        plan = self._micro_step_cache.get(("plan", index))
+        if plan is not None:
+            return plan      # checked once per micro-step (hooks call this once per parameter)
+        params = group["params"]
+        fingerprint = [p.data_ptr() for p in params]
+        plan = self._plans.get(index)
+        if plan is not None and plan.params is params and plan.fingerprint == fingerprint:
+            self._micro_step_cache[("plan", index)] = plan
+            return plan
+        buckets = {}
+        for i, p in enumerate(params):
+            buckets.setdefault((p.device, p.dtype), []).append(i)
+        plan = _TritonPlan(params, fingerprint, self._kernels_take(group), buckets,
+                           any(isinstance(p, DTensor) for p in params))
+        self._plans[index] = self._micro_step_cache[("plan", index)] = plan
+        return plan
+
     def _kernels_take(self, group):
         params = group["params"]
         backend = self._backend_of(group)
-        # A process group runs the torch path: its update averages between fold and move.
-        if backend == "torch" or not params or self._averager is not None:
+        if backend == "torch" or not params:
             return False
+        if self._averager is not None and group["accum_reduction"] == "sum" and \
+                not group["step_per_window"]:
+            return False     # each rank folds R times its share: the torch path's scaling
         if backend == "auto" and not (all(p.is_cuda for p in params)
                                       and triton_can_run(params)):
             return False
@@ -758,12 +842,16 @@ class AccumOptimizer(Optimizer):
         folded (in fold_in_backward mode, those hooks stashed) and the window's bookkeeping.
         ``fold_only`` (the last micro-step of a clipped window): fold without moving or
         counting, and mark the tensors folded-not-moved for the launch that follows the clip."""
-        buckets = {}
-        for param, grad in zip(group["params"], grads):
-            buckets.setdefault((param.device, param.dtype), []).append(_shard_like(grad, param))
-        for (device, dtype), bucket_grads in buckets.items():
+        plan = self._triton_plan(index, group)
+        params = group["params"]
+        for (device, dtype), positions in plan.buckets.items():
             window = self._device_window(index, group, device, dtype)
-            row = [g if g is not None else held for g, held in zip(bucket_grads, window.row)]
+            bucket_grads = grads if len(plan.buckets) == 1 else [grads[i] for i in positions]
+            if plan.dtensor:
+                bucket_grads = [_shard_like(g, params[i]) for g, i in zip(bucket_grads, positions)]
+            row = bucket_grads
+            if window.has_marks:      # stashed by hooks, or folded for an export or a clip
+                row = [g if g is not None else held for g, held in zip(bucket_grads, window.row)]
             if not fold_only:
                 self._triton_launch(group, window, row, accum_steps, grad_scale, found_inf)
                 continue
@@ -776,17 +864,17 @@ class AccumOptimizer(Optimizer):
         """A hook's fold on the Triton path: a large gradient gets its own launch now; a small
         one waits in the bucket's stash for step() (or a flush once the stash is large).
         ``fold_only``: the last micro-step of a clipped window, whose moves wait for the norm."""
-        from .kernels import tables
         window = self._device_window(index, group, param.device, param.dtype)
         t = window.index[param]
-        grad = _shard_like(grad, param)
-        if tables.local_tensor(grad).numel() >= tables.HOOK_LAUNCH_MIN_NUMEL:
+        if window.plan.dtensor:
+            grad = _shard_like(grad, param)
+        if window.numel_of[t] >= _tables().HOOK_LAUNCH_MIN_NUMEL:
             self._triton_launch(group, window, grad, accum_steps, None, None, hook_tensor=t,
                                 fold_only=fold_only)
             window.mark_folded([t], FOLDED if fold_only else HOOKED)
             return
         window.stash(t, grad)
-        if window.stashed_numel >= tables.STASH_MAX_NUMEL:
+        if window.stashed_numel >= _tables().STASH_MAX_NUMEL:
             self._flush_stash(group, window, accum_steps, fold_only=fold_only)
 
     def _flush_stash(self, group, window, accum_steps, fold_only=False):
@@ -805,28 +893,27 @@ class AccumOptimizer(Optimizer):
                                   fold_only=True)
 
     def _device_window(self, index, group, device, dtype):
-        """The DeviceWindow of a bucket, (re)built when its set of tensors changed; checked
-        once per micro-step. Before a rebuild the group's windows write their counters back
-        into the host state, so no fold is lost when, e.g., a parameter's storage is replaced
-        mid-window."""
+        """The DeviceWindow of a bucket, (re)built when its set of tensors changed: checked in
+        full when the group's plan is new or the window was retired, otherwise reused as is.
+        Before a rebuild the group's windows write their counters back into the host state, so
+        no fold is lost when, e.g., a parameter's storage is replaced mid-window."""
         key = (index, device, dtype)
         window = self._device_windows.get(key)
-        if ("window", key) not in self._micro_step_cache:
-            params = [p for p in group["params"] if p.device == device and p.dtype == dtype]
-            states = [self.state[p] for p in params]
-            for p, s in zip(params, states):
-                self._init_state(group, p, s)
-            slots = list(zip(*[self._variant(group).device_slots(s) for s in states]))
-            if window is None or not window.matches(params, slots):
-                # Every window of the group is retired (and rebuilt when next used): a tensor
-                # may have moved between buckets, and its counters must come along.
-                self._retire_device_windows(index)
-                for other in [k for k in self._micro_step_cache
-                              if k[0] == "window" and k[1][0] == index]:
-                    del self._micro_step_cache[other]
-                window = self._build_device_window(group, params, states, slots)
-                self._device_windows[key] = window
-            self._micro_step_cache[("window", key)] = True
+        plan = self._triton_plan(index, group)
+        if window is not None and window.plan is plan:
+            return window
+        params = [group["params"][i] for i in plan.buckets[(device, dtype)]]
+        states = [self.state[p] for p in params]
+        for p, s in zip(params, states):
+            self._init_state(group, p, s)
+        slots = list(zip(*[self._variant(group).device_slots(s) for s in states]))
+        if window is None or not window.matches(params, slots):
+            # Every window of the group is retired (and rebuilt when next used): a tensor
+            # may have moved between buckets, and its counters must come along.
+            self._retire_device_windows(index)
+            window = self._build_device_window(group, params, states, slots)
+            self._device_windows[key] = window
+        window.plan = plan
         return window
 
     def _build_device_window(self, group, params, states, slots):
@@ -1106,6 +1193,27 @@ def _check_position(position):
         raise ValueError("Invalid state_dict: backward_ended is True outside a window")
     return {"micro_step": micro_step, "window_accum_steps": window_k,
             "num_updates": position["num_updates"], **flags}
+
+
+def _tables():
+    """accumopt.kernels.tables, imported on first use (Triton is optional)."""
+    global _TABLES
+    if _TABLES is None:
+        from .kernels import tables
+        _TABLES = tables
+    return _TABLES
+
+
+_TABLES = None
+
+
+class _TritonPlan:
+    """A group's Triton layout while its parameters keep their storage (see _triton_plan)."""
+    __slots__ = ("params", "fingerprint", "takes", "buckets", "dtensor")
+
+    def __init__(self, params, fingerprint, takes, buckets, dtensor):
+        self.params, self.fingerprint, self.takes = params, fingerprint, takes
+        self.buckets, self.dtensor = buckets, dtensor
 
 
 def _shard_like(grad, param):

@@ -1,6 +1,6 @@
 """accumopt's benchmark suite, the project's main job:
 
-    python -m benchmarks [--quick] [--only SUITE ...] [--out DIR]
+    python -m benchmarks [--quick] [--only SUITE ...] [--out DIR] [--sweep]
 
 Runs on CUDA when there is a GPU, else on the CPU, where it always takes the quick sizes (under
 3 minutes on 2 cores). Writes DIR/results.json, DIR/RESULTS.md and PNG plots (default DIR:
@@ -12,14 +12,15 @@ import sys
 
 import torch
 
-from benchmarks import suite_convergence, suite_kernels, suite_sharded, suite_step, suite_train
+from benchmarks import (suite_convergence, suite_host, suite_kernels, suite_sharded, suite_step,
+                        suite_train)
 from benchmarks.plots import make_plots
 from benchmarks.progress import Progress
 from benchmarks.report import Results, device_slug, environment, markdown_table
 from benchmarks.timing import copy_gbps
 
 SUITES = {"kernels": suite_kernels, "step": suite_step, "train": suite_train,
-          "convergence": suite_convergence, "sharded": suite_sharded}
+          "convergence": suite_convergence, "sharded": suite_sharded, "host": suite_host}
 COLUMNS = {
     "kernels": ["fold_GBps", "fold_of_copy", "update_GBps", "update_of_copy"],
     "step": ["fold_wall_ms", "update_wall_ms", "window_wall_ms", "fold_launches",
@@ -27,6 +28,8 @@ COLUMNS = {
     "train": ["peak_memory", "fp32_grad_bytes_saved", "tokens_per_s", "throughput_vs_standard",
               "backward_ms", "loss_after_4_windows", "loss_after_2_windows"],
     "convergence": ["final_train_loss", "final_val_loss"],
+    "host": ["fold_us", "update_us", "hooks_and_step_us", "step_us", "python_us",
+             "of_adamw_python", "of_step_mode", "tables_ms"],
     "sharded": ["carried_MiB", "peak_over_start_MiB", "params_state_MiB", "boundary_extra_MiB",
                 "comm_MiB"],
 }
@@ -75,15 +78,22 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", choices=list(SUITES), metavar="SUITE",
                         help=f"run only these suites ({', '.join(SUITES)})")
     parser.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the kernels' block size x warps per dtype (GPU only)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = args.quick or device == "cpu"
     suites = args.only or list(SUITES)
     env = environment(device, copy_gbps(device, 2 ** 26 if device == "cuda" else 2 ** 20))
     results = Results(env)
-    progress = Progress(sum(SUITES[s].work(device, quick) for s in suites))
+    progress = Progress(sum(SUITES[s].work(device, quick) for s in suites)
+                        + (suite_kernels.sweep_work(device) if args.sweep else 0))
     for suite in suites:
         SUITES[suite].run(device, quick, results, progress)
+    if args.sweep:
+        if "kernels" not in suites:
+            suites = suites + ["kernels"]
+        suite_kernels.sweep(device, results, progress)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    device_slug(env, device))
     plots = make_plots(results, out)

@@ -139,3 +139,47 @@ def run(device, quick, results, progress):
 
 def work(device, quick):
     return len(cases(device, quick)) * len(impls(device))
+
+
+SWEEP_BLOCKS = (512, 1024, 2048, 4096)
+SWEEP_WARPS = (2, 4, 8)
+SWEEP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def sweep_work(device):
+    return len(SWEEP_DTYPES) * len(SWEEP_BLOCKS) * len(SWEEP_WARPS) if device == "cuda" else 1
+
+
+def sweep(device, results, progress):
+    """``--sweep``: the AccumAdamW fold and update micro-steps on 2^26 elements for every block
+    size x warps per dtype (accumopt.kernels.tables.LAUNCH_SHAPES, restored after), to set
+    the defaults from measurements. CUDA only."""
+    if device != "cuda":
+        results.note(SUITE, "--sweep needs a GPU: not run")
+        progress.advance(f"{SUITE}: sweep skipped")
+        return
+    from accumopt.kernels import tables
+    saved = dict(tables.LAUNCH_SHAPES)
+    numel, copy = 2 ** 26, results.env["copy_GBps"]
+    try:
+        for dtype in SWEEP_DTYPES:
+            size = torch.finfo(dtype).bits // 8
+            for block in SWEEP_BLOCKS:
+                for warps in SWEEP_WARPS:
+                    tables.LAUNCH_SHAPES[dtype] = (block, warps)
+                    params = [torch.nn.Parameter(torch.randn(numel, device=device, dtype=dtype))]
+                    params[0].grad = torch.randn_like(params[0])
+                    fold, update = _accumopt(AccumAdamW, dict(backend="triton"))(params)
+                    case = f"sweep {str(dtype).split('.')[-1]} block={block} warps={warps}"
+                    for what, fn, values in (("fold", fold, 5), ("update", update, 7)):
+                        ms = median_ms(fn, device)
+                        gbps = values * size * numel / ms / 1e6
+                        results.add(SUITE, case, "accumopt triton (adamw)", f"{what}_GBps",
+                                    gbps, "GB/s")
+                        results.add(SUITE, case, "accumopt triton (adamw)", f"{what}_of_copy",
+                                    gbps / copy, "fraction")
+                    del params, fold, update
+                    progress.advance(f"{SUITE}: {case}")
+    finally:
+        tables.LAUNCH_SHAPES.clear()
+        tables.LAUNCH_SHAPES.update(saved)

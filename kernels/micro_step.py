@@ -179,7 +179,10 @@ def _fold_block(table_ptr, t, n_tensors, grad_addr, offs, in_bounds, has_grad, f
             _store(p_addr, offs, in_bounds, p, DTYPE, EVEN)
 
 
-@triton.jit
+# Integer arguments Triton would specialize on (== 1, divisible by 16) gain nothing here (strides
+# of scalar table loads, an address the loads already hint as aligned, a count): one compiled
+# kernel serves every table size and every accum_steps.
+@triton.jit(do_not_specialize=["n_work", "n_tensors", "hook_grad_addr", "accum_steps"])
 def micro_step_kernel(work_ptr, n_work, numel_ptr, table_ptr, n_tensors, folds_ptr, updates_ptr,
                       window_ptr, grad_scale_ptr, found_inf_ptr, hook_grad_addr, accum_steps,
                       lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, momentum,

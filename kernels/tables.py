@@ -1,5 +1,6 @@
 """Host side of the kernels: one bucket's device tables (built once per set of tensors), the
 device-side window counters, and the two launches of a micro-step."""
+import array
 import contextlib
 import math
 
@@ -11,7 +12,15 @@ from .micro_step import HOOKED as _HOOKED
 from .micro_step import micro_step_kernel
 from .window import window_kernel
 
-BLOCK = 1024          # elements per program: 8 fp32 per thread at 4 warps, two 128-bit accesses
+# Elements and warps per program, per dtype: 8 elements per thread either way (so the fp32 math
+# holds the same registers), which is two 128-bit accesses per fp32 tensor and one per bf16 /
+# fp16 tensor, and the same bytes in flight per program (20 KB for an Adam fold). Set from
+# reasoning, not yet from a GPU sweep (python -m benchmarks --only kernels --sweep times them).
+LAUNCH_SHAPES = {torch.float32: (1024, 4), torch.bfloat16: (2048, 8), torch.float16: (2048, 8)}
+BLOCK = LAUNCH_SHAPES[torch.float32][0]
+# Registers per thread the compiler may use (CUDA): 64 lets 8 programs of 128 threads share an
+# SM; Adam's fold-and-move would otherwise take 72 (78 with GradScaler).
+MAX_REGISTERS = 64
 WINDOW_BLOCK = 256    # tensors per iteration of the bookkeeping kernel
 N_SLOTS = 6           # θ, g and up to four state tensors
 # fold_in_backward: a gradient of at least this many elements is folded by its own launch inside
@@ -26,8 +35,9 @@ KERNEL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.f
 
 def local_tensor(tensor):
     """What the kernels address: the tensor itself, or a DTensor's local shard (an FSDP2
-    parameter, its gradient and its state; a DTensor's own data_ptr() is 0). The fold and the
-    move are elementwise, so each rank runs them on its own shards."""
+    parameter, its gradient and its state; a DTensor's own data_ptr() is not its shard's: 0,
+    or an offset). The fold and the move are elementwise, so each rank runs them on its own
+    shards."""
     if type(tensor).__name__ != "DTensor":
         return tensor
     with torch.no_grad():
@@ -85,27 +95,51 @@ class DeviceWindow:
         self.slots = [list(slot) for slot in slots]
         self.device = self.params[0].device
         self.dtype = KERNEL_DTYPES[self.params[0].dtype]
+        self.block, self.num_warps = LAUNCH_SHAPES[self.params[0].dtype]
+        self.dtensor = any(type(p).__name__ == "DTensor" for p in self.params)
         self._signature = self.signature(self.params, self.slots)
         n = len(self.params)
         rows = [_addresses(self.params), [0] * n] + [_addresses(slot) for slot in self.slots]
         rows += [[0] * n] * (N_SLOTS - len(rows))
         self.table = torch.tensor(rows, dtype=torch.int64, device=self.device)
         numels = [local_tensor(p).numel() for p in self.params]
+        self.numel_of = numels                 # per tensor, its local numel (host ints)
         self.numels = torch.tensor(numels, dtype=torch.int64, device=self.device)
-        chunks = [math.ceil(numel / BLOCK) for numel in numels]
-        self.chunks = chunks
-        self.first_chunk = [sum(chunks[:t]) for t in range(n)]
+        self._build_work(numels)
         self.index = {p: t for t, p in enumerate(self.params)}
-        work = [[t for t, c in enumerate(chunks) for _ in range(c)],
-                [i for c in chunks for i in range(c)]]
-        self.n_work = len(work[0])
-        self.work = torch.tensor(work, dtype=torch.int32, device=self.device).reshape(2, -1)
         self.folds = torch.tensor(folds, dtype=torch.int32, device=self.device)
         self.updates = torch.tensor(updates, dtype=torch.float32, device=self.device)
         self.window = torch.tensor(window, dtype=torch.int32, device=self.device)
         self._grads_alive = []
+        self._staging, self._staged, self._flip = None, None, 0
+        self.plan = None      # the optimizer's plan of the group this window was checked under
+        self._launch_options = None   # (options, the kernel's keyword arguments) of the last launch
         self.row = [None] * n
+        self.has_marks = False    # whether ``row`` holds a stashed gradient or a mark
         self.stashed_numel = 0
+
+    def _build_work(self, numels):
+        """The work table, one (tensor, block) column per program, built on the device (a 7B
+        bucket has millions of blocks; only per-tensor numbers are built on the host), and the
+        smaller one of the tensors below HOOK_LAUNCH_MIN_NUMEL: in fold_in_backward mode, once
+        hooks have folded every large tensor, step()'s launch needs only those."""
+        host = torch.tensor(numels, dtype=torch.int64)
+        chunks = (host + self.block - 1) // self.block
+        first = torch.cumsum(chunks, 0) - chunks
+        self.chunks, self.first_chunk = chunks.tolist(), first.tolist()
+        self.n_work = sum(self.chunks)
+        tensor_of = torch.repeat_interleave(
+            torch.arange(len(numels), dtype=torch.int32, device=self.device),
+            chunks.to(self.device), output_size=self.n_work)
+        block_of = (torch.arange(self.n_work, dtype=torch.int32, device=self.device)
+                    - first.to(self.device, torch.int32).index_select(0, tensor_of))
+        self.work = torch.stack([tensor_of, block_of])
+        self.large = [t for t, numel in enumerate(numels) if numel >= HOOK_LAUNCH_MIN_NUMEL]
+        columns = [c for t, numel in enumerate(numels) if numel < HOOK_LAUNCH_MIN_NUMEL
+                   for c in range(self.first_chunk[t], self.first_chunk[t] + self.chunks[t])]
+        self.small_work = self.work.index_select(
+            1, torch.tensor(columns, dtype=torch.int64, device=self.device)).contiguous()
+        self.n_small_work = len(columns)
 
     @staticmethod
     def signature(params, slots):
@@ -116,14 +150,41 @@ class DeviceWindow:
 
     def set_grads(self, grads):
         """Point the gradient row at this micro-step's gradients (0 where None, HOOKED where a
-        hook folded it already): one host-to-device copy, no sync."""
-        grads = [_kernel_ready(g) for g in grads]
+        hook folded it already): one host-to-device copy from a reused pinned buffer, no sync.
+        The common case (dense, aligned, contiguous plain tensors) costs one data_ptr() and one
+        is_contiguous() per gradient; anything else (a DTensor's local shard, a strided or
+        misaligned gradient, which gets a dense copy) takes the slow path."""
+        if self.dtensor:     # a DTensor's own data_ptr() is not its local shard's
+            addresses = [0 if g is None else g if g.__class__ is int else -1 for g in grads]
+        else:
+            addresses = [0 if g is None else g if g.__class__ is int else
+                         g.data_ptr() if g.is_contiguous() else -1 for g in grads]
+        slow = [t for t, a in enumerate(addresses) if a < 0 or a > FOLDED and a & 15]
+        if 0 in addresses:   # None, or a tensor reporting no address (an empty one)
+            slow += [t for t, a in enumerate(addresses) if a == 0 and grads[t] is not None]
         # Gradients (and copies) the kernel reads must live until it has read them; on CUDA the
         # stream orders their reuse after it, on the CPU the interpreter runs synchronously.
-        self._grads_alive = grads
-        pinned = self.device.type == "cuda"
-        row = torch.tensor(_addresses(grads), dtype=torch.int64)
-        self.table[1].copy_(row.pin_memory() if pinned else row, non_blocking=pinned)
+        self._grads_alive = []
+        for t in slow:
+            g = _kernel_ready(grads[t])
+            self._grads_alive.append(g)
+            addresses[t] = g.data_ptr() or EMPTY_ADDRESS
+        row = torch.frombuffer(array.array("q", addresses), dtype=torch.int64)
+        if self.device.type != "cuda":
+            self.table[1].copy_(row)
+            return
+        # Two pinned buffers in turn: one may still be read by the previous copy.
+        if self._staging is None:
+            self._staging = [torch.empty(len(addresses), dtype=torch.int64, pin_memory=True)
+                             for _ in range(2)]
+            self._staged = [None, None]
+        i = self._flip = 1 - self._flip
+        if self._staged[i] is not None:
+            self._staged[i].synchronize()     # long done in practice: a micro-step ago
+        self._staging[i].copy_(row)
+        self.table[1].copy_(self._staging[i], non_blocking=True)
+        self._staged[i] = torch.cuda.Event()
+        self._staged[i].record()
 
     def counters(self):
         """(folds, updates) per tensor, read back to the host (a sync)."""
@@ -135,7 +196,8 @@ class DeviceWindow:
 
     def stash(self, t, grad):
         self.row[t] = grad
-        self.stashed_numel += local_tensor(grad).numel()
+        self.stashed_numel += self.numel_of[t]
+        self.has_marks = True
 
     def stashed(self):
         """The gradient row holding only the stashed gradients (for a flush)."""
@@ -145,6 +207,7 @@ class DeviceWindow:
         for t in indices:
             self.row[t] = code
         self.stashed_numel = 0
+        self.has_marks = self.has_marks or bool(indices)
 
     def set_window_length(self, length):
         """End the current window after ``length`` micro-steps (a short window a training
@@ -154,6 +217,7 @@ class DeviceWindow:
     def end_micro_step(self):
         self.row = [None] * len(self.params)
         self.stashed_numel = 0
+        self.has_marks = False
 
     def launch(self, variant, grads, **options):
         """A micro-step: the fold kernel over every (tensor, block), then the bookkeeping kernel.
@@ -176,31 +240,48 @@ class DeviceWindow:
         else:
             grads = _kernel_ready(grads)
             self._grads_alive = [grads]
-        def on_device(x):
-            return None if x is None else x.to(self.device, torch.float32, non_blocking=True)
-
-        grad_scale, found_inf = on_device(grad_scale), on_device(found_inf)
         dummy = self.updates  # stands in for an absent scalar tensor; never read
-        scalars = dict(grad_scale_ptr=dummy if grad_scale is None else grad_scale,
-                       found_inf_ptr=dummy if found_inf is None else found_inf)
-        work, n_programs, hook_grad_addr = self.work, self.n_work, 0
+        scalars = dict(grad_scale_ptr=dummy, found_inf_ptr=dummy)
+        if grad_scale is not None:
+            scalars["grad_scale_ptr"] = grad_scale.to(self.device, torch.float32,
+                                                      non_blocking=True)
+        if found_inf is not None:
+            scalars["found_inf_ptr"] = found_inf.to(self.device, torch.float32,
+                                                    non_blocking=True)
+        work, n_work, n_programs, hook_grad_addr = self.work, self.n_work, self.n_work, 0
         if hook_tensor is not None:
             work = self.work[:, self.first_chunk[hook_tensor]:]
             n_programs, hook_grad_addr = self.chunks[hook_tensor], _addresses([grads])[0]
+        elif not flush and self.large and self.n_small_work < self.n_work and all(
+                grads[t].__class__ is int and grads[t] == HOOKED for t in self.large):
+            # Every large tensor was folded (and moved) by its hook: only the small ones work.
+            work, n_work, n_programs = self.small_work, self.n_small_work, self.n_small_work
         if n_programs:
+            options = (variant, accum_steps, lr, beta1, beta2, eps, weight_decay, momentum,
+                       dampening, maximize, accum_reduction, decoupled_weight_decay, amsgrad,
+                       nesterov, momentum_buffer, grad_scale is not None, found_inf is not None,
+                       hook_tensor is not None, flush, fold_only)
+            if self._launch_options is None or self._launch_options[0] != options:
+                # The kernel's keyword arguments, built once per set of options (a micro-step
+                # repeats the last one's): scalars as the kernel takes them, the constexprs.
+                kwargs = dict(
+                    accum_steps=int(accum_steps), lr=float(lr), beta1=float(beta1),
+                    beta2=float(beta2), log2_beta1=_log2(beta1), log2_beta2=_log2(beta2),
+                    eps=float(eps), weight_decay=float(weight_decay), momentum=float(momentum),
+                    dampening=float(dampening), VARIANT=variant, DTYPE=self.dtype,
+                    MAXIMIZE=bool(maximize), MEAN=accum_reduction == "mean",
+                    DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
+                    NESTEROV=bool(nesterov), MOMENTUM_BUFFER=bool(momentum_buffer),
+                    HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+                    HOOK=hook_tensor is not None, MOVE_UNFOLDED=not flush,
+                    FOLD_ONLY=bool(fold_only), BLOCK=self.block, num_warps=self.num_warps)
+                if self.device.type == "cuda":
+                    kwargs["maxnreg"] = MAX_REGISTERS
+                self._launch_options = (options, kwargs)
             micro_step_kernel[(n_programs,)](
-                work, self.n_work, self.numels, self.table, len(self.params), self.folds,
-                self.updates, self.window, hook_grad_addr=hook_grad_addr,
-                accum_steps=int(accum_steps), lr=float(lr),
-                beta1=float(beta1), beta2=float(beta2), log2_beta1=_log2(beta1),
-                log2_beta2=_log2(beta2), eps=float(eps), weight_decay=float(weight_decay),
-                momentum=float(momentum), dampening=float(dampening), VARIANT=variant,
-                DTYPE=self.dtype, MAXIMIZE=bool(maximize), MEAN=accum_reduction == "mean",
-                DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
-                NESTEROV=bool(nesterov), MOMENTUM_BUFFER=bool(momentum_buffer),
-                HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                HOOK=hook_tensor is not None, MOVE_UNFOLDED=not flush, FOLD_ONLY=bool(fold_only),
-                BLOCK=BLOCK, **scalars)
+                work, n_work, self.numels, self.table, len(self.params), self.folds,
+                self.updates, self.window, hook_grad_addr=hook_grad_addr, **scalars,
+                **self._launch_options[1])
         if hook_tensor is not None or flush:
             return
         window_kernel[(1,)](self.table, len(self.params), self.folds, self.updates, self.window,

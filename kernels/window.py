@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors", "accum_steps"])  # no recompiles per size or k
 def window_kernel(table_ptr, n_tensors, folds_ptr, updates_ptr, window_ptr, found_inf_ptr,
                   accum_steps, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
     """A single program: per tensor, count the fold or reset on the update and count updates;

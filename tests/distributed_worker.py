@@ -28,41 +28,51 @@ SCENARIOS = {
 MATRIX_SHAPES = [(3, 2), (4, 3), (2, 2)]   # Muon takes matrices only
 
 
+# backend="triton" (the interpreter on the CPU), float32: the kernels fold every micro-step
+# (fold only on the last), the window state is averaged in place in flat buffers, then moved.
+TRITON_SCENARIOS = ["sgdm", "sgd-nesterov", "adam-mean_of_squares", "adamw-square_of_mean",
+                    "sgd-nesterov-clipped", "adamw-square_of_mean-clipped", "tiger", "lion"]
+
+
 def shapes_of(name):
     return MATRIX_SHAPES if name.startswith("muon") else SHAPES
 
 
-def schedule(world_size, seed=0, shapes=SHAPES):
+def schedule(world_size, seed=0, shapes=SHAPES, dtype=torch.float64):
     """grads[window][rank][t][i]: parameter i's gradient on rank's micro-step t, or None.
     Parameter 2 gets no gradient anywhere in window 0 (DDP's unused parameter)."""
     gen = torch.Generator().manual_seed(seed)
-    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    init = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     grads = []
     for w in range(WINDOWS):
         grads.append([[[None if (i == 2 and w == 0) or (i == 1 and (r + t) % 3 == 1)
-                        else torch.randn(s, generator=gen, dtype=torch.float64)
+                        else torch.randn(s, generator=gen, dtype=dtype)
                         for i, s in enumerate(shapes)] for t in range(K)]
                       for r in range(world_size)])
     return init, grads
 
 
-def run_scenario(rank, world_size, cls, kwargs, hook, shapes=SHAPES):
-    init, grads = schedule(world_size, shapes=shapes)
+def run_scenario(rank, world_size, cls, kwargs, hook, shapes=SHAPES, backend="auto",
+                 dtype=torch.float64):
+    init, grads = schedule(world_size, shapes=shapes, dtype=dtype)
     params = [torch.nn.Parameter(p.clone()) for p in init]
     opt = cls(params, accum_steps=K, fold_in_backward=hook, process_group=dist.group.WORLD,
-              **kwargs)
-    snapshots = []
+              backend=backend, **kwargs)
+    snapshots, on_triton = [], False
     for w in range(WINDOWS):
         for t in range(K):
             row = grads[w][rank][t]
             loss = sum((p * g).sum() for p, g in zip(params, row) if g is not None)
             if torch.is_tensor(loss):
                 loss.backward()
+            on_triton = on_triton or bool(opt._device_windows)
             opt.step()
             opt.zero_grad()
         assert opt.updated
         snapshots.append([p.detach().clone() for p in params])
     opt.remove_hooks()
+    if backend == "triton":
+        assert on_triton, "the Triton path did not run"
     return snapshots
 
 
@@ -124,6 +134,15 @@ def worker(rank, world_size, port, out_dir):
         for hook in (False, True):
             results[(name, hook)] = run_scenario(rank, world_size, cls, kwargs, hook,
                                                  shapes_of(name))
+    for name in TRITON_SCENARIOS:
+        cls, kwargs = SCENARIOS[name]
+        for hook in (False, True):
+            for backend in ("torch", "triton"):
+                try:
+                    results[(backend + "-fp32", name, hook)] = run_scenario(
+                        rank, world_size, cls, kwargs, hook, SHAPES, backend, torch.float32)
+                except Exception as err:     # reported by the test, not a hang
+                    results[(backend + "-fp32", name, hook)] = f"{type(err).__name__}: {err}"
     results["ddp"] = run_ddp(rank, world_size)
 
     def mismatched_accum_steps():

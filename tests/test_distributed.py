@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_worker import K, SCENARIOS, WINDOWS, ddp_batches, schedule, shapes_of, worker
+from accumopt.backend import triton_can_run
+from distributed_worker import (K, SCENARIOS, TRITON_SCENARIOS, WINDOWS, ddp_batches, schedule,
+                                shapes_of, worker)
 from reference import lion_on_mean, su_mean_of_squares, tiger_on_mean
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -105,6 +107,29 @@ def test_ranks_equal_one_process_running_all_micro_batches(ranks, name, hook):
         for i, (a, b) in enumerate(zip(got[0][w], want[w])):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12,
                                        msg=lambda m: f"window {w}, param {i}: {m}")
+
+
+@pytest.mark.skipif(not triton_can_run([torch.zeros(1)]), reason="Triton cannot run here")
+@pytest.mark.parametrize("hook", [False, True], ids=["step-mode", "hook-mode"])
+@pytest.mark.parametrize("name", TRITON_SCENARIOS)
+def test_the_triton_path_averages_the_window_as_the_torch_path(ranks, name, hook):
+    """backend="triton" with a process group: the kernels fold, the flat window state is
+    all-reduced in place, the kernels move; every rank ends bitwise equal, and equal to the torch
+    path in float32."""
+    world_size, results = ranks
+    got = [r[("triton-fp32", name, hook)] for r in results]
+    want = [r[("torch-fp32", name, hook)] for r in results]
+    for rank, (a, b) in enumerate(zip(got, want)):
+        assert not isinstance(a, str), f"rank {rank}: the Triton run raised {a}"
+        assert not isinstance(b, str), f"rank {rank}: the torch run raised {b}"
+    for rank in range(1, world_size):
+        for w in range(WINDOWS):
+            for i, (a, b) in enumerate(zip(got[rank][w], got[0][w])):
+                assert torch.equal(a, b), f"rank {rank} differs from rank 0: window {w}, param {i}"
+    for w in range(WINDOWS):
+        for i, (a, b) in enumerate(zip(got[0][w], want[0][w])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name}: window {w}, param {i}: {m}")
 
 
 def test_ddp_with_no_sync_equals_one_process(ranks):

@@ -1,0 +1,179 @@
+"""host: the host (Python) time of accumopt's Triton path per micro-step on GPT-2-124M's 148
+tensors, beside torch.optim.AdamW(foreach=True)'s own step on the same tensors in the same run,
+and the time to build the device tables of a LLaMA-7B-sized bucket. On a GPU the tensors are
+GPT-2's, on CUDA, and the host time is the time until the call returns (no sync, the kernels
+launch for real). Without one the measurement runs in a child process (TRITON_INTERPRET=1) with
+Triton's launches made no-ops, on 148 one-element CPU tensors (every tensor op then costs its
+dispatch and almost no arithmetic, for accumopt and torch.optim alike; torch's CPU foreach ops
+loop over the tensors, which a CUDA foreach launch does not), and the 7B tables on the meta
+device (shape work only).
+
+- `fold_us`, `update_us`: AccumAdamW step mode, a fold micro-step and an update micro-step.
+- `hooks_and_step_us`: fold_in_backward, one micro-step: every parameter's hook (as autograd
+  calls it once the gradient is final) and the step() after them.
+- `step_us` (torch.optim.AdamW foreach): its whole step, once per window; `python_us`: the same
+  step with torch's foreach ops made no-ops, i.e. its own Python.
+- `of_adamw_python`: accumopt's time per micro-step as a fraction of AdamW's own Python per
+  step (goal: at most 25% in step mode); `of_step_mode`: fold_in_backward's hooks and step() as
+  a multiple of step mode's micro-step (goal: at most 2).
+- `tables_ms`: building one bucket's DeviceWindow for a 7B-parameter model (goal: 50 ms)."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from benchmarks.shapes import gpt2_shapes, llama_shapes
+
+SUITE = "host"
+REPS = 200
+TABLE_REPS = 5
+
+
+def llama7b_shapes():
+    return llama_shapes(n_layer=32, d_model=4096, d_ff=11008, vocab=32000)
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _silence_kernels():
+    from accumopt.kernels import tables
+    tables.micro_step_kernel = _NoLaunch()
+    tables.window_kernel = _NoLaunch()
+
+
+class _foreach_ops_as_no_ops:
+    """torch._foreach_* return their first argument without running: what is left of
+    torch.optim.AdamW(foreach=True)'s step is its own Python."""
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch, name) for name in dir(torch)
+                      if name.startswith("_foreach_")}
+        for name in self.saved:
+            setattr(torch, name, lambda *args, **kwargs: args[0])
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch, name, fn)
+
+
+def _median_us(fn, reps=REPS, sync=None):
+    for _ in range(5):
+        fn()
+    if sync is not None:
+        sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if sync is not None:
+            sync()     # outside the timed span: the next call starts on an idle queue
+    return statistics.median(times) * 1e6
+
+
+def _params(device, shapes):
+    return [torch.nn.Parameter(torch.empty(s, device=device)) for s in shapes]
+
+
+def measure(device):
+    """{metric: value} for this process's device ("cuda", or "cpu" with no-op launches)."""
+    from accumopt import AccumAdamW
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    shapes = gpt2_shapes() if device == "cuda" else [(1,)] * len(gpt2_shapes())
+    out = {}
+
+    params = _params(device, shapes)
+    grads = [torch.empty_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    adamw = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    out["adamw_step_us"] = _median_us(adamw.step, sync=sync)
+    with _foreach_ops_as_no_ops():
+        out["adamw_python_us"] = _median_us(adamw.step)
+    del adamw
+
+    fold = AccumAdamW(params, lr=1e-4, accum_steps=2 ** 30, backend="triton")
+    out["fold_us"] = _median_us(fold.step, sync=sync)
+    update = AccumAdamW(params, lr=1e-4, accum_steps=1, backend="triton")
+    out["update_us"] = _median_us(update.step, sync=sync)
+    del fold, update
+
+    for p in params:
+        p.grad = None
+    hooked = AccumAdamW(params, lr=1e-4, accum_steps=2 ** 30, backend="triton",
+                        fold_in_backward=True)
+
+    def hooks_and_step():
+        for p, g in zip(params, grads):
+            p.grad = g
+            hooked._fold_in_backward(p)     # what the post-accumulate-grad hook calls
+        hooked.step()
+    out["hooks_and_step_us"] = _median_us(hooks_and_step, reps=REPS // 4, sync=sync)
+    hooked.remove_hooks()
+    hooked = params = grads = None   # free them before the 7B tables
+
+    from accumopt.kernels import DeviceWindow
+    big = _params(device if device == "cuda" else "meta", llama7b_shapes())
+    slots = [tuple(torch.empty_like(p) for p in big) for _ in range(3)]
+    build = lambda: DeviceWindow(big, slots, [0] * len(big), [0.0] * len(big), (0, 0, 0, 0))
+    out["tables_ms"] = _median_us(build, reps=TABLE_REPS, sync=sync) / 1e3
+    out["tables_params"] = float(sum(p.numel() for p in big))
+    return out
+
+
+def _child():
+    _silence_kernels()
+    json.dump(measure("cpu"), sys.stdout)
+
+
+def run(device, quick, results, progress):
+    if device == "cuda":
+        row = measure("cuda")
+        where = "CUDA tensors, real launches"
+    else:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        child = subprocess.run([sys.executable, "-m", "benchmarks.suite_host"], env=env,
+                               capture_output=True, text=True, timeout=600)
+        if child.returncode != 0:
+            results.note(SUITE, f"the measurement failed: {child.stderr.strip()[-500:]}")
+            progress.advance(f"{SUITE}: failed")
+            return
+        row = json.loads(child.stdout.strip().splitlines()[-1])
+        where = ("one-element CPU tensors, Triton's launches no-ops: host work only; the 7B "
+                 "tables on the meta device")
+    results.note(SUITE, f"{where}; median of {REPS} calls")
+    case = "gpt2-124M, 148 tensors"
+    python = row["adamw_python_us"]
+    results.add(SUITE, case, "torch.optim.AdamW foreach", "step_us", row["adamw_step_us"], "us")
+    results.add(SUITE, case, "torch.optim.AdamW foreach", "python_us", python, "us")
+    step_mode = max(row["fold_us"], row["update_us"])
+    for metric in ("fold_us", "update_us", "hooks_and_step_us"):
+        impl = ("AccumAdamW triton fold_in_backward" if metric == "hooks_and_step_us"
+                else "AccumAdamW triton step mode")
+        results.add(SUITE, case, impl, metric, row[metric], "us")
+    results.add(SUITE, case, "AccumAdamW triton step mode", "of_adamw_python",
+                step_mode / python, "fraction")
+    results.add(SUITE, case, "AccumAdamW triton fold_in_backward", "of_adamw_python",
+                row["hooks_and_step_us"] / python, "fraction")
+    results.add(SUITE, case, "AccumAdamW triton fold_in_backward", "of_step_mode",
+                row["hooks_and_step_us"] / step_mode, "x")
+    results.add(SUITE, f"llama-7B bucket, {row['tables_params'] / 1e9:.1f}B parameters",
+                "DeviceWindow", "tables_ms", row["tables_ms"], "ms")
+    progress.advance(f"{SUITE}: measured")
+
+
+def work(device, quick):
+    return 1
+
+
+if __name__ == "__main__":
+    _child()

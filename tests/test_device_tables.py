@@ -1,0 +1,88 @@
+"""The device tables a bucket's launches read: the work table built on the device equals the
+(tensor, block) list written out plainly, per dtype's block size; fold_in_backward's step()
+launches only the small tensors' blocks once hooks have folded every large one (and the whole
+table when a large one still has work); the per-micro-step host work reuses the tables while
+the parameters keep their storage and rebuilds them when one is replaced."""
+import pytest
+import torch
+
+import accumopt.kernels.tables as tables
+from accumopt import AccumAdamW
+from triton_device import DEVICE, needs_triton
+
+pytestmark = needs_triton
+
+
+def plain_work(numels, block):
+    """(tensor, block index) per program, in order: what the kernel's work table must hold."""
+    return [(t, i) for t, n in enumerate(numels) for i in range(-(-n // block))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_device_built_work_table_is_every_block_of_every_tensor(dtype):
+    block = tables.LAUNCH_SHAPES[dtype][0]
+    numels = [1, block, block + 1, 3 * block - 7, 5, tables.HOOK_LAUNCH_MIN_NUMEL + 3]
+    params = [torch.zeros(n, device=DEVICE, dtype=dtype) for n in numels]
+    window = tables.DeviceWindow(params, [tuple(torch.zeros_like(p) for p in params)],
+                                 [0] * len(params), [0.0] * len(params), (0, 0, 0, 0))
+    want = plain_work(numels, block)
+    assert list(zip(*window.work.tolist())) == want
+    assert window.n_work == len(want)
+    assert window.first_chunk == [want.index((t, 0)) for t in range(len(numels))]
+    small = [(t, i) for t, i in want if numels[t] < tables.HOOK_LAUNCH_MIN_NUMEL]
+    assert list(zip(*window.small_work.tolist())) == small
+    assert window.large == [5]
+
+
+class RecordingKernel:
+    def __init__(self, kernel, programs):
+        self.kernel, self.programs = kernel, programs
+
+    def __getitem__(self, grid):
+        self.programs.append(grid[0])
+        return self.kernel[grid]
+
+
+def test_hook_mode_step_launches_only_the_tensors_with_work(monkeypatch):
+    programs = []
+    monkeypatch.setattr(tables, "micro_step_kernel",
+                        RecordingKernel(tables.micro_step_kernel, programs))
+    big = torch.nn.Parameter(torch.randn(tables.HOOK_LAUNCH_MIN_NUMEL, device=DEVICE))
+    small = [torch.nn.Parameter(torch.randn(5, device=DEVICE)) for _ in range(3)]
+    opt = AccumAdamW([big] + small, lr=1e-2, accum_steps=2, backend="triton",
+                     fold_in_backward=True)
+    window_blocks = -(-big.numel() // tables.BLOCK) + 3
+    (big.sum() + sum(p.sum() for p in small)).backward()
+    opt.step()
+    # The big tensor's hook launch, then step(): the 3 small tensors' blocks only.
+    assert programs == [window_blocks - 3, 3], programs
+    programs.clear()
+    sum(p.sum() for p in small).backward()          # the big one got no gradient now:
+    opt.step()                                       # on the last micro-step it must move
+    assert programs == [window_blocks], programs
+    opt.remove_hooks()
+
+
+def test_tables_are_reused_until_a_parameter_storage_changes(monkeypatch):
+    builds = []
+    original = tables.DeviceWindow.__init__
+
+    def counting(self, *args, **kwargs):
+        builds.append(1)
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(tables.DeviceWindow, "__init__", counting)
+    params = [torch.nn.Parameter(torch.randn(4, device=DEVICE)) for _ in range(3)]
+    opt = AccumAdamW(params, lr=1e-2, accum_steps=2, backend="triton")
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert len(builds) == 1, f"{len(builds)} table builds for one set of tensors"
+    with torch.no_grad():
+        params[1].data = params[1].data.clone()      # new storage: the tables must follow
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(builds) == 2
+    assert opt._device_windows[(0, params[0].device, torch.float32)].table[0].tolist()[1] == \
+        params[1].data_ptr()
