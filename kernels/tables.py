@@ -2,7 +2,9 @@
 device-side window counters, and the two launches of a micro-step."""
 import array
 import contextlib
+import functools
 import math
+import operator
 
 import torch
 import triton.language as tl
@@ -159,9 +161,12 @@ class DeviceWindow:
         else:
             addresses = [0 if g is None else g if g.__class__ is int else
                          g.data_ptr() if g.is_contiguous() else -1 for g in grads]
-        slow = [t for t, a in enumerate(addresses) if a < 0 or a > FOLDED and a & 15]
-        if 0 in addresses:   # None, or a tensor reporting no address (an empty one)
-            slow += [t for t, a in enumerate(addresses) if a == 0 and grads[t] is not None]
+        slow = []
+        if self.has_marks or min(addresses) <= 0 or functools.reduce(operator.or_, addresses) & 15:
+            # Something is not a plain aligned gradient (one check over all of them first).
+            slow = [t for t, a in enumerate(addresses) if a < 0 or a > FOLDED and a & 15]
+            if 0 in addresses:   # None, or a tensor reporting no address (an empty one)
+                slow += [t for t, a in enumerate(addresses) if a == 0 and grads[t] is not None]
         # Gradients (and copies) the kernel reads must live until it has read them; on CUDA the
         # stream orders their reuse after it, on the CPU the interpreter runs synchronously.
         self._grads_alive = []
