@@ -43,9 +43,13 @@ COUNTERS = ("step", "fresh", None)
 def kernel(name):
     """The Triton launcher ``accumopt.kernels.<name>``, imported when first launched (Triton
     is optional: the torch path never imports it)."""
+    found = []
+
     def launch(*args, **kwargs):
-        from . import kernels
-        return getattr(kernels, name)(*args, **kwargs)
+        if not found:
+            from . import kernels
+            found.append(getattr(kernels, name))
+        return found[0](*args, **kwargs)
     launch.__name__ = launch.__qualname__ = name
     return launch
 

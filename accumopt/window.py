@@ -106,7 +106,8 @@ class AccumOptimizer(Optimizer):
         self._updated = False             # whether the last step() moved the parameters
         self._window_known = True         # False after a step only the device knew the drop of
         self._device_windows = {}         # (group index, device, dtype) -> DeviceWindow
-        self._hooked = set()              # parameters hooks folded in this micro-step
+        self._hooked = {}                 # id -> parameter hooks folded in this micro-step
+        self._hook_routes = {}            # id(param) -> (window, t, index): small, stashed
         self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
         self._plans = {}                  # group index -> _TritonPlan (Triton path)
         # step_per_window: the autograd graph tasks of this micro-step's backward (id -> ended)
@@ -130,7 +131,7 @@ class AccumOptimizer(Optimizer):
         overrides = self._device_state()
         state = {p: {**entry, **overrides.get(p, {})} for p, entry in self.state.items()}
         return {"defaults": self.defaults, "state": state, "param_groups": self.param_groups,
-                "accum": self._position(), "accum_hooked": list(self._hooked),
+                "accum": self._position(), "accum_hooked": list(self._hooked.values()),
                 "process_group": self.process_group}
 
     def __deepcopy__(self, memo):
@@ -158,7 +159,7 @@ class AccumOptimizer(Optimizer):
         self._init_transient()
         if position is not None:
             self._set_position(position)
-        self._hooked = set(hooked)
+        self._hooked = {id(p): p for p in hooked}
         self._group_index = {p: i for i, group in enumerate(self.param_groups)
                              for p in group["params"]}
         self._hook_handles = []
@@ -459,7 +460,7 @@ class AccumOptimizer(Optimizer):
                 self._backward_ended = False
             else:
                 self._complete_backward()
-        elif param in self._hooked and task > self._backward_max_task:
+        elif id(param) in self._hooked and task > self._backward_max_task:
             self._complete_backward()
         if task not in self._backward_tasks:
             self._backward_tasks[task] = False
@@ -528,7 +529,11 @@ class AccumOptimizer(Optimizer):
     def _fold_in_backward(self, param):
         """The fold_in_backward hook: fold ``param``'s finished gradient (moving the parameter
         if this is the window's last micro-step) and free it. Called once per parameter per
-        backward, so the common path does no more than it must."""
+        backward, so the common path does no more than it must: a tensor of a Triton bucket
+        this micro-step already checked goes straight to its launch or the stash."""
+        route = self._hook_routes.get(id(param))
+        if route is not None and self._hook_by_route(param, *route):
+            return
         grad = param.grad
         index = self._group_index.get(param)
         if grad is None or index is None or not self.param_groups[index]["fold_in_backward"]:
@@ -542,7 +547,7 @@ class AccumOptimizer(Optimizer):
             raise RuntimeError(self._distributed_check)
         if group["step_per_window"]:
             self._enter_backward(param)
-        if param in self._hooked:
+        if id(param) in self._hooked:
             raise RuntimeError("fold_in_backward=True folds one gradient per parameter per "
                                "micro-step: call step() after each backward")
         self._sync_window()
@@ -554,7 +559,33 @@ class AccumOptimizer(Optimizer):
         else:
             self._hook_fold(index, group, param, grad, accum_steps, last)
         param.grad = None
-        self._hooked.add(param)
+        self._hooked[id(param)] = param
+
+    def _hook_by_route(self, param, window, t, index):
+        """The hook of a tensor whose bucket this micro-step has already checked (a route kept
+        from an earlier micro-step, its window still current): its own launch when large, the
+        stash when small. False where the full hook must run."""
+        grad = param.grad
+        if grad is None or window.retired or window.row[t] is not None or \
+                not self._micro_step_cache.get(("runs_triton", index)) or \
+                id(param) in self._hooked or grad.is_sparse:
+            return False
+        if window.plan.dtensor:
+            grad = _shard_like(grad, param)
+        tables = _tables()
+        if window.numel_of[t] >= tables.HOOK_LAUNCH_MIN_NUMEL:
+            fold_only = self._micro_step + 1 == self._window_accum_steps and (
+                self._averager is not None or self._clips())
+            self._triton_launch(self.param_groups[index], window, grad, self._window_accum_steps,
+                                None, None, hook_tensor=t, fold_only=fold_only)
+            window.mark_folded([t], FOLDED if fold_only else HOOKED)
+        elif window.stashed_numel + window.numel_of[t] < tables.STASH_MAX_NUMEL:
+            window.stash(t, grad)
+        else:
+            return False
+        param.grad = None
+        self._hooked[id(param)] = param
+        return True
 
     def _hook_fold(self, index, group, param, grad, accum_steps, last):
         """The fold of one hook, under no_grad."""
@@ -868,6 +899,10 @@ class AccumOptimizer(Optimizer):
         t = window.index[param]
         if window.plan.dtensor:
             grad = _shard_like(grad, param)
+        if not group["step_per_window"]:
+            # Later micro-steps fold this tensor from the hook's first lines (step_per_window
+            # must see every hook: it counts the backward passes).
+            self._hook_routes[id(param)] = (window, t, index)
         if window.numel_of[t] >= _tables().HOOK_LAUNCH_MIN_NUMEL:
             self._triton_launch(group, window, grad, accum_steps, None, None, hook_tensor=t,
                                 fold_only=fold_only)
@@ -963,6 +998,7 @@ class AccumOptimizer(Optimizer):
             window = self._device_windows[key]
             for param, entry in self._window_counters(key, window).items():
                 self.state[param].update(entry)
+            window.retired = True      # hook routes to it are stale
             del self._device_windows[key]
 
     # ----- state_dict ---------------------------------------------------------------------------

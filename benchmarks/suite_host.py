@@ -3,10 +3,11 @@ tensors, beside torch.optim.AdamW(foreach=True)'s own step on the same tensors i
 and the time to build the device tables of a LLaMA-7B-sized bucket. On a GPU the tensors are
 GPT-2's, on CUDA, and the host time is the time until the call returns (no sync, the kernels
 launch for real). Without one the measurement runs in a child process (TRITON_INTERPRET=1) with
-Triton's launches made no-ops, on 148 one-element CPU tensors (every tensor op then costs its
-dispatch and almost no arithmetic, for accumopt and torch.optim alike; torch's CPU foreach ops
-loop over the tensors, which a CUDA foreach launch does not), and the 7B tables on the meta
-device (shape work only).
+Triton's launches made no-ops, on CPU tensors of GPT-2's layout at width 256 (the same 148
+tensors, the same 50 at or above fold_in_backward's own-launch size and 98 below it, 9.8M
+parameters), and the 7B tables on the meta device (shape work only). AdamW's own Python is its
+step with torch's foreach ops made no-ops; its `step_us` on the CPU is real CPU arithmetic, no
+host figure.
 
 - `fold_us`, `update_us`: AccumAdamW step mode, a fold micro-step and an update micro-step.
 - `hooks_and_step_us`: fold_in_backward, one micro-step: every parameter's hook (as autograd
@@ -88,7 +89,10 @@ def measure(device):
     """{metric: value} for this process's device ("cuda", or "cpu" with no-op launches)."""
     from accumopt import AccumAdamW
     sync = torch.cuda.synchronize if device == "cuda" else None
-    shapes = gpt2_shapes() if device == "cuda" else [(1,)] * len(gpt2_shapes())
+    # On the CPU GPT-2's layout at width 256: the same tensors and the same split into large
+    # (own hook launch) and small (held for step()) ones, a twelfth of the memory.
+    shapes = gpt2_shapes() if device == "cuda" else gpt2_shapes(d_model=256, vocab=1024,
+                                                                n_ctx=256)
     out = {}
 
     params = _params(device, shapes)
@@ -96,7 +100,8 @@ def measure(device):
     for p, g in zip(params, grads):
         p.grad = g
     adamw = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    out["adamw_step_us"] = _median_us(adamw.step, sync=sync)
+    out["adamw_step_us"] = _median_us(adamw.step, reps=REPS if device == "cuda" else 20,
+                                      sync=sync)
     with _foreach_ops_as_no_ops():
         out["adamw_python_us"] = _median_us(adamw.step)
     del adamw
@@ -113,9 +118,10 @@ def measure(device):
                         fold_in_backward=True)
 
     def hooks_and_step():
-        for p, g in zip(params, grads):
-            p.grad = g
-            hooked._fold_in_backward(p)     # what the post-accumulate-grad hook calls
+        with torch.no_grad():               # autograd runs the hooks with grad mode off
+            for p, g in zip(params, grads):
+                p.grad = g
+                hooked._fold_in_backward(p)     # what the post-accumulate-grad hook calls
         hooked.step()
     out["hooks_and_step_us"] = _median_us(hooks_and_step, reps=REPS // 4, sync=sync)
     hooked.remove_hooks()
@@ -148,10 +154,11 @@ def run(device, quick, results, progress):
             progress.advance(f"{SUITE}: failed")
             return
         row = json.loads(child.stdout.strip().splitlines()[-1])
-        where = ("one-element CPU tensors, Triton's launches no-ops: host work only; the 7B "
-                 "tables on the meta device")
+        where = ("GPT-2's 148 tensors at width 256 on the CPU, Triton's launches no-ops: host "
+                 "work only (AdamW's step_us is CPU arithmetic); the 7B tables on the meta "
+                 "device")
     results.note(SUITE, f"{where}; median of {REPS} calls")
-    case = "gpt2-124M, 148 tensors"
+    case = "gpt2-124M, 148 tensors" if device == "cuda" else "gpt2 layout (width 256), 148 tensors"
     python = row["adamw_python_us"]
     results.add(SUITE, case, "torch.optim.AdamW foreach", "step_us", row["adamw_step_us"], "us")
     results.add(SUITE, case, "torch.optim.AdamW foreach", "python_us", python, "us")

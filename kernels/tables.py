@@ -115,7 +115,9 @@ class DeviceWindow:
         self._grads_alive = []
         self._staging, self._staged, self._flip = None, None, 0
         self.plan = None      # the optimizer's plan of the group this window was checked under
-        self._launch_options = None   # (options, the kernel's keyword arguments) of the last launch
+        self.retired = False  # written back into the host state and dropped by the optimizer
+        self._launch_options = {}     # launch options -> the kernel's keyword arguments
+        self._hook_work = {}          # tensor -> its columns of the work table (hook launches)
         self.row = [None] * n
         self.has_marks = False    # whether ``row`` holds a stashed gradient or a mark
         self.stashed_numel = 0
@@ -232,6 +234,8 @@ class DeviceWindow:
         fold_in_backward hook); with ``flush`` only tensors with a gradient run, and with
         ``fold_only`` too they are folded but never moved. None of these counts the micro-step:
         the step's own launch does."""
+        if self.device.type != "cuda":
+            return self._launch(variant, grads, **options)
         with _device_guard(self.device):
             self._launch(variant, grads, **options)
 
@@ -242,7 +246,8 @@ class DeviceWindow:
                 flush=False, fold_only=False):
         if hook_tensor is None:
             self.set_grads(grads)
-        else:
+        elif not (grads.__class__ is torch.Tensor and grads.is_contiguous()
+                  and not grads.data_ptr() & 15):
             grads = _kernel_ready(grads)
             self._grads_alive = [grads]
         dummy = self.updates  # stands in for an absent scalar tensor; never read
@@ -255,8 +260,11 @@ class DeviceWindow:
                                                     non_blocking=True)
         work, n_work, n_programs, hook_grad_addr = self.work, self.n_work, self.n_work, 0
         if hook_tensor is not None:
-            work = self.work[:, self.first_chunk[hook_tensor]:]
-            n_programs, hook_grad_addr = self.chunks[hook_tensor], _addresses([grads])[0]
+            work = self._hook_work.get(hook_tensor)
+            if work is None:     # the tensor's own columns of the work table, a view kept
+                work = self._hook_work[hook_tensor] = self.work[:, self.first_chunk[hook_tensor]:]
+            n_programs = self.chunks[hook_tensor]
+            hook_grad_addr = grads.data_ptr() or EMPTY_ADDRESS
         elif not flush and self.large and self.n_small_work < self.n_work and all(
                 grads[t].__class__ is int and grads[t] == HOOKED for t in self.large):
             # Every large tensor was folded (and moved) by its hook: only the small ones work.
@@ -266,9 +274,12 @@ class DeviceWindow:
                        dampening, maximize, accum_reduction, decoupled_weight_decay, amsgrad,
                        nesterov, momentum_buffer, grad_scale is not None, found_inf is not None,
                        hook_tensor is not None, flush, fold_only)
-            if self._launch_options is None or self._launch_options[0] != options:
-                # The kernel's keyword arguments, built once per set of options (a micro-step
-                # repeats the last one's): scalars as the kernel takes them, the constexprs.
+            kwargs = self._launch_options.get(options)
+            if kwargs is None:
+                # The kernel's keyword arguments, built once per set of options (micro-steps
+                # repeat them): scalars as the kernel takes them, the constexprs.
+                if len(self._launch_options) > 64:   # hyperparameters that keep changing
+                    self._launch_options.clear()
                 kwargs = dict(
                     accum_steps=int(accum_steps), lr=float(lr), beta1=float(beta1),
                     beta2=float(beta2), log2_beta1=_log2(beta1), log2_beta2=_log2(beta2),
@@ -282,11 +293,10 @@ class DeviceWindow:
                     FOLD_ONLY=bool(fold_only), BLOCK=self.block, num_warps=self.num_warps)
                 if self.device.type == "cuda":
                     kwargs["maxnreg"] = MAX_REGISTERS
-                self._launch_options = (options, kwargs)
+                self._launch_options[options] = kwargs
             micro_step_kernel[(n_programs,)](
                 work, n_work, self.numels, self.table, len(self.params), self.folds,
-                self.updates, self.window, hook_grad_addr=hook_grad_addr, **scalars,
-                **self._launch_options[1])
+                self.updates, self.window, hook_grad_addr=hook_grad_addr, **scalars, **kwargs)
         if hook_tensor is not None or flush:
             return
         window_kernel[(1,)](self.table, len(self.params), self.folds, self.updates, self.window,

@@ -86,3 +86,32 @@ def test_tables_are_reused_until_a_parameter_storage_changes(monkeypatch):
     assert len(builds) == 2
     assert opt._device_windows[(0, params[0].device, torch.float32)].table[0].tolist()[1] == \
         params[1].data_ptr()
+
+
+@pytest.mark.parametrize("replace_at", [1, 2, 3])
+def test_hook_routes_follow_a_replaced_storage(replace_at):
+    """fold_in_backward's hooks reuse their bucket's tables from one micro-step to the next;
+    a parameter given a new storage between micro-steps (mid-window too) must neither be lost
+    nor folded into the old storage."""
+    def run(replace):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, device=DEVICE))
+                  for n in (tables.HOOK_LAUNCH_MIN_NUMEL, 7, 5)]
+        opt = AccumAdamW(params, lr=1e-2, accum_steps=3, backend="triton", fold_in_backward=True)
+        gen = torch.Generator().manual_seed(1)
+        for t in range(6):
+            if t == replace:
+                with torch.no_grad():
+                    for p in params:
+                        p.data = p.data.clone()
+            grads = [torch.randn(p.shape, generator=gen).to(DEVICE) for p in params]
+            sum((p * g).sum() for p, g in zip(params, grads)).backward()
+            assert all(p.grad is None for p in params)
+            opt.step()
+        opt.remove_hooks()
+        return [p.detach().clone() for p in params]
+
+    want, got = run(None), run(replace_at)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m: f"storage replaced at {replace_at}, param {i}: {m}")
