@@ -524,6 +524,9 @@ class AccumOptimizer(Optimizer):
                 window.mark_folded([t for t, g in enumerate(window.row)
                                     if isinstance(g, int) and g == HOOKED], FOLDED)
                 window.set_window_length(length)
+        # The host's mirror of the window length too: a window rebuilt before step()'s move (a
+        # process group's first flat state) starts from it.
+        self._window_accum_steps = length
         return length  # the launch's accum_steps: the window length where it starts now
 
     def _fold_in_backward(self, param):
@@ -563,26 +566,17 @@ class AccumOptimizer(Optimizer):
 
     def _hook_by_route(self, param, window, t, index):
         """The hook of a tensor whose bucket this micro-step has already checked (a route kept
-        from an earlier micro-step, its window still current): its own launch when large, the
-        stash when small. False where the full hook must run."""
+        from an earlier micro-step, its window still current): straight to the window's fold.
+        False where the full hook must run."""
         grad = param.grad
         if grad is None or window.retired or window.row[t] is not None or \
                 not self._micro_step_cache.get(("runs_triton", index)) or \
                 id(param) in self._hooked or grad.is_sparse:
             return False
-        if window.plan.dtensor:
-            grad = _shard_like(grad, param)
-        tables = _tables()
-        if window.numel_of[t] >= tables.HOOK_LAUNCH_MIN_NUMEL:
-            fold_only = self._micro_step + 1 == self._window_accum_steps and (
-                self._averager is not None or self._clips())
-            self._triton_launch(self.param_groups[index], window, grad, self._window_accum_steps,
-                                None, None, hook_tensor=t, fold_only=fold_only)
-            window.mark_folded([t], FOLDED if fold_only else HOOKED)
-        elif window.stashed_numel + window.numel_of[t] < tables.STASH_MAX_NUMEL:
-            window.stash(t, grad)
-        else:
-            return False
+        fold_only = self._micro_step + 1 == self._window_accum_steps and (
+            self._averager is not None or self._clips())
+        self._fold_into_window(self.param_groups[index], window, t, param, grad,
+                               self._window_accum_steps, fold_only)
         param.grad = None
         self._hooked[id(param)] = param
         return True
@@ -629,9 +623,6 @@ class AccumOptimizer(Optimizer):
             self._clip_window(on_triton)
         for index, group in enumerate(self.param_groups):
             if on_triton[index]:
-                for (i, *_), window in list(self._device_windows.items()):
-                    if i == index:   # a window rebuilt above keeps a short window's end
-                        window.set_window_length(launch_k)
                 self._triton_micro_step(index, group, [None] * len(group["params"]), launch_k,
                                         None, None)
             else:
@@ -643,9 +634,7 @@ class AccumOptimizer(Optimizer):
         a tensor no micro-step folded this window gets a fold of zeros (its moments decay as on
         the ranks that did fold it), fold-only, marked folded for the move. One sync reads the
         device's fold counts (the all-reduce that follows syncs anyway)."""
-        for (i, *_), window in list(self._device_windows.items()):
-            if i != index:
-                continue
+        for window in self._windows_of(index):
             folds = window.folds.tolist()
             unfolded = [t for t, f in enumerate(folds)
                         if f == 0 and not (isinstance(window.row[t], int) and window.row[t])]
@@ -691,9 +680,7 @@ class AccumOptimizer(Optimizer):
         accumulators, norms = [], []
         for index, group in enumerate(self.param_groups):
             if on_triton[index]:
-                for key, window in self._device_windows.items():
-                    if key[0] != index:
-                        continue
+                for window in self._windows_of(index):
                     accs = list(window.slots[0])
                     marked = torch.tensor([isinstance(g, int) and g == FOLDED
                                            for g in window.row])
@@ -892,24 +879,32 @@ class AccumOptimizer(Optimizer):
             window.mark_folded([t for t, g in enumerate(row) if g is not None], FOLDED)
 
     def _triton_fold_in_backward(self, index, group, param, grad, accum_steps, fold_only=False):
-        """A hook's fold on the Triton path: a large gradient gets its own launch now; a small
-        one waits in the bucket's stash for step() (or a flush once the stash is large).
-        ``fold_only``: the last micro-step of a clipped window, whose moves wait for the norm."""
+        """A hook's fold on the Triton path, the first one of its tensor in a micro-step: find
+        its bucket's window (checked once per micro-step), keep the route for later
+        micro-steps, fold."""
         window = self._device_window(index, group, param.device, param.dtype)
         t = window.index[param]
-        if window.plan.dtensor:
-            grad = _shard_like(grad, param)
         if not group["step_per_window"]:
             # Later micro-steps fold this tensor from the hook's first lines (step_per_window
             # must see every hook: it counts the backward passes).
             self._hook_routes[id(param)] = (window, t, index)
-        if window.numel_of[t] >= _tables().HOOK_LAUNCH_MIN_NUMEL:
+        self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
+
+    def _fold_into_window(self, group, window, t, param, grad, accum_steps, fold_only):
+        """Tensor ``t``'s gradient into its window: a large one gets its own launch now; a small
+        one waits in the bucket's stash for step() (or a flush once the stash is large).
+        ``fold_only``: the window's last micro-step with clipping or a process group, whose
+        moves wait for the norm or the average."""
+        if window.plan.dtensor:
+            grad = _shard_like(grad, param)
+        tables = _tables()
+        if window.numel_of[t] >= tables.HOOK_LAUNCH_MIN_NUMEL:
             self._triton_launch(group, window, grad, accum_steps, None, None, hook_tensor=t,
                                 fold_only=fold_only)
             window.mark_folded([t], FOLDED if fold_only else HOOKED)
             return
         window.stash(t, grad)
-        if window.stashed_numel >= _tables().STASH_MAX_NUMEL:
+        if window.stashed_numel >= tables.STASH_MAX_NUMEL:
             self._flush_stash(group, window, accum_steps, fold_only=fold_only)
 
     def _flush_stash(self, group, window, accum_steps, fold_only=False):
@@ -926,6 +921,10 @@ class AccumOptimizer(Optimizer):
             if window.stashed_numel or any(torch.is_tensor(g) for g in window.row):
                 self._flush_stash(self.param_groups[index], window, self._window_accum_steps,
                                   fold_only=True)
+
+    def _windows_of(self, index):
+        """The live DeviceWindows of param group ``index`` (a list: callers may retire them)."""
+        return [window for key, window in self._device_windows.items() if key[0] == index]
 
     def _device_window(self, index, group, device, dtype):
         """The DeviceWindow of a bucket, (re)built when its set of tensors changed: checked in

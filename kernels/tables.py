@@ -69,6 +69,8 @@ def _kernel_ready(grad):
     odd offset is contiguous but misaligned: a fresh allocation is aligned)."""
     if grad is None or isinstance(grad, int):
         return grad
+    if grad.__class__ is torch.Tensor and grad.is_contiguous() and not grad.data_ptr() & 15:
+        return grad      # the common case, checked first (a gradient has its param's dtype)
     grad = local_tensor(grad)
     if kernel_can_take(grad):
         return grad
@@ -246,8 +248,7 @@ class DeviceWindow:
                 flush=False, fold_only=False):
         if hook_tensor is None:
             self.set_grads(grads)
-        elif not (grads.__class__ is torch.Tensor and grads.is_contiguous()
-                  and not grads.data_ptr() & 15):
+        else:
             grads = _kernel_ready(grads)
             self._grads_alive = [grads]
         dummy = self.updates  # stands in for an absent scalar tensor; never read

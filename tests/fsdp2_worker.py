@@ -159,26 +159,6 @@ FP32 = Setup("fp32", mlp(torch.float32), shard_each_linear, mlp_data(torch.float
 TIED_MP = Setup("tied-mp", tied_plain, tied_shard, tied_data, tied_loss, 2)
 
 
-def plain_model(seed=0):
-    return DOUBLE.plain(seed)
-
-
-def fsdp_model(seed=0):
-    return DOUBLE.make(seed)
-
-
-def global_batch(i):
-    return DOUBLE.global_batch(i)
-
-
-def local_batch(world_size, rank, i):
-    return DOUBLE.batch(world_size, rank, i)
-
-
-def loss_of(model, x, y):
-    return mse(model, x, y)
-
-
 def full(value):
     if isinstance(value, DTensor):
         return value.full_tensor().detach().clone()
@@ -303,7 +283,7 @@ def dcp_resume(rank, world_size, name, point, ckpt_dir):
     loaded from the checkpoint) and a fresh optimizer resume from the checkpoint."""
     cls, kwargs = DCP_OPTS[name]
     save_at = SAVE_POINTS[point]
-    model = fsdp_model()
+    model = DOUBLE.make()
     opt = cls(model.parameters(), accum_steps=K, backend="torch", **kwargs)
     out = {"windows": []}
     for i in range(DCP_WINDOWS * K):
@@ -324,7 +304,7 @@ def dcp_resume(rank, world_size, name, point, ckpt_dir):
 
 
 def load_and_continue(rank, world_size, cls, kwargs, ckpt_dir, save_at):
-    model = fsdp_model(seed=1)      # other values: the checkpoint must bring the parameters
+    model = DOUBLE.make(seed=1)     # other values: the checkpoint must bring the parameters
     opt = cls(model.parameters(), accum_steps=K, backend="torch", **kwargs)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=ckpt_dir)

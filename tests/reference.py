@@ -155,57 +155,53 @@ problem_strategy = st.fixed_dictionaries({
 })
 
 
-def tiger_on_mean(init, schedule, accum_steps, reduction="mean", *, lr, beta, weight_decay,
-                  lr_scale, maximize=False):
-    """Tiger's rule (bojone/tiger) applied once per window to Ḡ, written out in float64:
-    m ← β·m + (1-β)·Ḡ; θ ← θ - lr·s·(sign(m) + λ·θ), s from θ before the update. A parameter
-    with no gradient in a window is left alone. Returns (θ, m) per window."""
+def _sign_rule_on_mean(init, schedule, accum_steps, reduction, maximize, rule):
+    """A one-moment rule applied once per window to Ḡ in float64: ``rule(θ, m, Ḡ)`` returns the
+    new (θ, m); a parameter with no gradient in a window is left alone. (θ, m) per window."""
     theta = [p.double().clone() for p in init]
     m = [torch.zeros_like(t) for t in theta]
     out = []
     for window in windows_of(schedule, accum_steps):
         for i in range(len(theta)):
             mean = window_gradient(window, i, reduction)
-            if mean is None:
-                continue
-            mean = -mean.double() if maximize else mean.double()
-            m[i] = beta * m[i] + (1 - beta) * mean
-            t = theta[i]
-            if lr_scale == "rms":
-                s = t.pow(2).mean().sqrt()
-            elif lr_scale == "row_rms":
-                s = t.pow(2).mean(dim=-1, keepdim=True).sqrt() if t.dim() else t.abs()
-            elif lr_scale == "half":
-                s = 0.5
-            else:
-                s = 1.0
-            decay = 0.0 if lr_scale == "half" else weight_decay
-            theta[i] = t - lr * s * (torch.sign(m[i]) + decay * t)
+            if mean is not None:
+                mean = -mean.double() if maximize else mean.double()
+                theta[i], m[i] = rule(theta[i], m[i], mean)
         out.append(([t.clone() for t in theta], [x.clone() for x in m]))
     return out
+
+
+def tiger_on_mean(init, schedule, accum_steps, reduction="mean", *, lr, beta, weight_decay,
+                  lr_scale, maximize=False):
+    """Tiger's rule (bojone/tiger) applied once per window to Ḡ, written out in float64:
+    m ← β·m + (1-β)·Ḡ; θ ← θ - lr·s·(sign(m) + λ·θ), s from θ before the update."""
+    def rule(t, m, mean):
+        m = beta * m + (1 - beta) * mean
+        if lr_scale == "rms":
+            s = t.pow(2).mean().sqrt()
+        elif lr_scale == "row_rms":
+            s = t.pow(2).mean(dim=-1, keepdim=True).sqrt() if t.dim() else t.abs()
+        elif lr_scale == "half":
+            s = 0.5
+        else:
+            s = 1.0
+        decay = 0.0 if lr_scale == "half" else weight_decay
+        return t - lr * s * (torch.sign(m) + decay * t), m
+    return _sign_rule_on_mean(init, schedule, accum_steps, reduction, maximize, rule)
 
 
 def lion_on_mean(init, schedule, accum_steps, reduction="mean", *, lr, betas, weight_decay,
                  maximize=False):
     """Lion (the paper's Algorithm 2, lion-pytorch's update) applied once per window to Ḡ,
     written out in float64: θ ← θ·(1 - lr·λ); θ ← θ - lr·sign(β1·m + (1-β1)·Ḡ);
-    m ← β2·m + (1-β2)·Ḡ. A parameter with no gradient in a window is left alone. Returns (θ, m)
-    per window."""
+    m ← β2·m + (1-β2)·Ḡ."""
     beta1, beta2 = betas
-    theta = [p.double().clone() for p in init]
-    m = [torch.zeros_like(t) for t in theta]
-    out = []
-    for window in windows_of(schedule, accum_steps):
-        for i in range(len(theta)):
-            mean = window_gradient(window, i, reduction)
-            if mean is None:
-                continue
-            mean = -mean.double() if maximize else mean.double()
-            theta[i] = theta[i] * (1 - lr * weight_decay)
-            theta[i] = theta[i] - lr * torch.sign(beta1 * m[i] + (1 - beta1) * mean)
-            m[i] = beta2 * m[i] + (1 - beta2) * mean
-        out.append(([t.clone() for t in theta], [x.clone() for x in m]))
-    return out
+
+    def rule(t, m, mean):
+        t = t * (1 - lr * weight_decay)
+        t = t - lr * torch.sign(beta1 * m + (1 - beta1) * mean)
+        return t, beta2 * m + (1 - beta2) * mean
+    return _sign_rule_on_mean(init, schedule, accum_steps, reduction, maximize, rule)
 
 
 def assert_close_windows(got, want, key, what, rtol=1e-10, atol=1e-12):

@@ -102,20 +102,20 @@ def assert_windows_close(got, want, what, rtol=RTOL, atol=ATOL):
 
 def global_grads(model, i):
     model.zero_grad()
-    x, y = W.global_batch(i)
-    W.loss_of(model, x, y).backward()
+    x, y = W.DOUBLE.global_batch(i)
+    W.DOUBLE.loss(model, x, y).backward()
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
 @functools.lru_cache(maxsize=None)
 def plain_torch(torch_cls, kwargs_items, clip=None):
     """torch.optim, one process, the global batch: loss / K per micro-step, step() after K."""
-    model = W.plain_model()
+    model = W.DOUBLE.plain()
     opt = torch_cls(model.parameters(), **dict(kwargs_items))
     snapshots, norms = [], []
     for i in range(W.WINDOWS * W.K):
-        x, y = W.global_batch(i)
-        (W.loss_of(model, x, y) / W.K).backward()
+        x, y = W.DOUBLE.global_batch(i)
+        (W.DOUBLE.loss(model, x, y) / W.K).backward()
         if (i + 1) % W.K == 0:
             if clip is not None:
                 norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).clone())
@@ -131,7 +131,7 @@ def su_reference():
     gradient at that window's parameters: what the rank-averaged shard of every micro-step is."""
     cls, kwargs = W.MEAN_OF_SQUARES
     assert cls.__name__ == "AccumAdamW" and set(kwargs) == {"lr"}
-    model = W.plain_model()
+    model = W.DOUBLE.plain()
     theta = [p.detach().clone() for p in model.parameters()]
     m = [torch.zeros_like(p) for p in theta]
     v = [torch.zeros_like(p) for p in theta]
