@@ -30,7 +30,9 @@ the torch path) and into every state_dict and copy.
 import copy
 import functools
 import gc
+import itertools
 import numbers
+import operator
 import sys
 import warnings
 import weakref
@@ -53,6 +55,7 @@ from .validation import (RUNTIME_OPTIONS, check_accum_steps, check_nonnegative_i
                          check_window_args)
 
 _INT32_MAX = 2 ** 31 - 1
+_data_ptr = torch.Tensor.data_ptr
 # The gradient row's marks (accumopt.kernels.micro_step): folded by a hook this micro-step (and
 # moved on the last), and folded for an export without moving.
 HOOKED, FOLDED = 1, 2
@@ -107,7 +110,7 @@ class AccumOptimizer(Optimizer):
         self._window_known = True         # False after a step only the device knew the drop of
         self._device_windows = {}         # (group index, device, dtype) -> DeviceWindow
         self._hooked = {}                 # id -> parameter hooks folded in this micro-step
-        self._hook_routes = {}            # id(param) -> (window, t, index): small, stashed
+        self._hook_routes = {}            # id(param) -> (its DeviceWindow, its index there)
         self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
         self._plans = {}                  # group index -> _TritonPlan (Triton path)
         # step_per_window: the autograd graph tasks of this micro-step's backward (id -> ended)
@@ -312,14 +315,16 @@ class AccumOptimizer(Optimizer):
     def _check_state(self, group, param, entry):
         self._variant(group).check_state(entry)
 
-    def _run_micro_step(self, group, params, grads, first, update, accum_steps, grad_scale):
-        """Fold ``grads`` (None: update-only) into the state of ``params`` and move those with
-        ``update``: the variant's functional form."""
+    def _run_micro_step(self, group, params, states, grads, first, update, accum_steps,
+                        grad_scale):
+        """Fold ``grads`` (None: update-only) into ``states``, those of ``params``, and move the
+        parameters with ``update``: the variant's functional form."""
         hyper = dict(self._hyper(group), accum_steps=accum_steps,
                      accum_reduction=self._reduction(group), grad_scale=grad_scale,
                      foreach=self._use_foreach(group, params))
-        self._variant(group).run(params, grads, [self.state[p] for p in params], first, update,
-                                 hyper, as_real)
+        # Complex parameters are folded as real views; most groups hold none (one check).
+        real = as_real if any(map(torch.is_complex, params)) else _same
+        self._variant(group).run(params, grads, states, first, update, hyper, real)
 
     def _window_state(self, group, state):
         """The state tensors that hold a parameter's window: what ranks average."""
@@ -365,9 +370,10 @@ class AccumOptimizer(Optimizer):
                 "then use bf16 autocast (torch.autocast(device_type, dtype=torch.bfloat16)), "
                 "which needs no GradScaler, or fold_in_backward=False, which handles GradScaler")
         self._check_lr_in_window()
-        grads = [self._group_grads(i, group) for i, group in enumerate(self.param_groups)]
+        grads, addresses = zip(*[self._group_grads(i, group)
+                                 for i, group in enumerate(self.param_groups)]) or ((), ())
         on_triton = [self._runs_triton(i, group) for i, group in enumerate(self.param_groups)]
-        if any(on_triton):
+        if any(on_triton) and "accum_steps checked" not in self._micro_step_cache:
             self._check_triton_accum_steps()
         if not all(on_triton):
             self._sync_window()
@@ -382,7 +388,7 @@ class AccumOptimizer(Optimizer):
             accum_steps = self._read_accum_steps()
             for index, group in enumerate(self.param_groups):
                 self._triton_micro_step(index, group, grads[index], accum_steps, grad_scale,
-                                        found_inf)
+                                        found_inf, addresses=addresses[index])
             self._window_known = False
             self._end_micro_step()
             return loss
@@ -412,7 +418,7 @@ class AccumOptimizer(Optimizer):
         for index, (group, group_grads) in enumerate(zip(self.param_groups, grads)):
             if on_triton[index]:
                 self._triton_micro_step(index, group, group_grads, launch_k, grad_scale, None,
-                                        fold_only=last and not move)
+                                        fold_only=last and not move, addresses=addresses[index])
             else:
                 self._fold_group(group, group["params"], group_grads, accum_steps, last,
                                  None if grad_scale is None else float(grad_scale), move=move)
@@ -535,8 +541,18 @@ class AccumOptimizer(Optimizer):
         backward, so the common path does no more than it must: a tensor of a Triton bucket
         this micro-step already checked goes straight to its launch or the stash."""
         route = self._hook_routes.get(id(param))
-        if route is not None and self._hook_by_route(param, *route):
-            return
+        if route is not None:
+            # A tensor whose bucket a hook of this micro-step has already checked (the route is
+            # kept from an earlier micro-step; the window's ``hooks_checked`` is set by that
+            # hook and cleared when the micro-step ends or the window is retired): the window's
+            # short way, DeviceWindow.fold_hooked. Where it declines, the full path below.
+            window, t = route
+            grad = param.grad
+            if window.hooks_checked and grad is not None and window.row[t] is None and \
+                    window.fold_hooked(t, grad):    # (it declines a sparse gradient)
+                param.grad = None
+                self._hooked[id(param)] = param
+                return
         grad = param.grad
         index = self._group_index.get(param)
         if grad is None or index is None or not self.param_groups[index]["fold_in_backward"]:
@@ -563,23 +579,6 @@ class AccumOptimizer(Optimizer):
             self._hook_fold(index, group, param, grad, accum_steps, last)
         param.grad = None
         self._hooked[id(param)] = param
-
-    def _hook_by_route(self, param, window, t, index):
-        """The hook of a tensor whose bucket this micro-step has already checked (a route kept
-        from an earlier micro-step, its window still current): straight to the window's fold.
-        False where the full hook must run."""
-        grad = param.grad
-        if grad is None or window.retired or window.row[t] is not None or \
-                not self._micro_step_cache.get(("runs_triton", index)) or \
-                id(param) in self._hooked or grad.is_sparse:
-            return False
-        fold_only = self._micro_step + 1 == self._window_accum_steps and (
-            self._averager is not None or self._clips())
-        self._fold_into_window(self.param_groups[index], window, t, param, grad,
-                               self._window_accum_steps, fold_only)
-        param.grad = None
-        self._hooked[id(param)] = param
-        return True
 
     def _hook_fold(self, index, group, param, grad, accum_steps, last):
         """The fold of one hook, under no_grad."""
@@ -733,34 +732,42 @@ class AccumOptimizer(Optimizer):
             # (With step_per_window each rank's window is what its .grad would hold, and the
             # average across ranks is DDP's, whose loss scaling the frameworks already match.)
             grad_scale = (1.0 if grad_scale is None else grad_scale) / self._averager.world_size
-        params, planned_grads, first = [], [], []
+        params, states, planned_grads, first = [], [], [], []
+        state_of = self.state
         for param, grad in zip(group_params, grads):
-            folds = self._folds(param)
+            state = state_of.get(param)
+            folds = 0 if state is None else state.get("window_folds", 0)
             # A parameter with no gradient now still moves on the last micro-step if it got
             # gradients earlier in the window; one with none in the whole window stays put.
             if grad is None and not (moves and folds):
                 continue
             params.append(param)
+            states.append(state_of[param] if state is None else state)
             planned_grads.append(grad)
             first.append(folds == 0)
         if not params:
             return
-        for param in params:
-            self._init_state(group, param, self.state[param])
-        self._run_micro_step(group, params, planned_grads, first, [moves] * len(params),
+        for param, state in zip(params, states):
+            self._init_state(group, param, state)
+        self._run_micro_step(group, params, states, planned_grads, first, [moves] * len(params),
                              accum_steps, grad_scale)
-        for param in params:
-            state = self.state[param]
+        for state in states:
             state["window_folds"] = 0 if moves else state["window_folds"] + 1
 
     def _group_grads(self, index, group):
-        grads = []
-        for i, param in enumerate(group["params"]):
-            grad = param.grad
+        """The group's gradients (refusing a sparse one) and, when every one is a tensor with
+        storage, their data_ptr(), which the Triton path's gradient row reuses (else None)."""
+        grads = [p.grad for p in group["params"]]
+        if _all_none(grads):
+            return grads, None        # fold_in_backward: every hook has taken its gradient
+        try:
+            return grads, list(map(_data_ptr, grads))
+        except (TypeError, RuntimeError):   # a None, or a tensor without storage (sparse)
+            pass
+        for i, grad in enumerate(grads):
             if grad is not None and grad.is_sparse:
                 raise RuntimeError(self._sparse_message(f"param {i} of param group {index}"))
-            grads.append(grad)
-        return grads
+        return grads, None
 
     def _sparse_message(self, where):
         return (f"{type(self).__name__} does not support sparse gradients ({where} has one, "
@@ -815,7 +822,7 @@ class AccumOptimizer(Optimizer):
         if plan is not None:
             return plan      # checked once per micro-step (hooks call this once per parameter)
         params = group["params"]
-        fingerprint = [p.data_ptr() for p in params]
+        fingerprint = list(map(_data_ptr, params))
         plan = self._plans.get(index)
         if plan is not None and plan.params is params and plan.fingerprint == fingerprint:
             self._micro_step_cache[("plan", index)] = plan
@@ -855,23 +862,30 @@ class AccumOptimizer(Optimizer):
                                  f"backend='torch' for longer windows)")
 
     def _triton_micro_step(self, index, group, grads, accum_steps, grad_scale, found_inf,
-                           fold_only=False):
+                           fold_only=False, addresses=None):
         """One micro-step of a Triton group: per bucket, a launch over the gradients not yet
         folded (in fold_in_backward mode, those hooks stashed) and the window's bookkeeping.
         ``fold_only`` (the last micro-step of a clipped window): fold without moving or
-        counting, and mark the tensors folded-not-moved for the launch that follows the clip."""
+        counting, and mark the tensors folded-not-moved for the launch that follows the clip.
+        ``addresses``: the gradients' data_ptr() (see _group_grads), or None."""
         plan = self._triton_plan(index, group)
         params = group["params"]
+        single = len(plan.buckets) == 1
         for (device, dtype), positions in plan.buckets.items():
             window = self._device_window(index, group, device, dtype)
-            bucket_grads = grads if len(plan.buckets) == 1 else [grads[i] for i in positions]
+            bucket_grads = grads if single else [grads[i] for i in positions]
             if plan.dtensor:
                 bucket_grads = [_shard_like(g, params[i]) for g, i in zip(bucket_grads, positions)]
             row = bucket_grads
             if window.has_marks:      # stashed by hooks, or folded for an export or a clip
-                row = [g if g is not None else held for g, held in zip(bucket_grads, window.row)]
+                if _all_none(bucket_grads):
+                    row = window.row          # fold_in_backward: every gradient was hooked
+                else:
+                    row = [g if g is not None else held
+                           for g, held in zip(bucket_grads, window.row)]
             if not fold_only:
-                self._triton_launch(group, window, row, accum_steps, grad_scale, found_inf)
+                self._triton_launch(group, window, row, accum_steps, grad_scale, found_inf,
+                                    addresses=addresses if single else None)
                 continue
             row = [g if torch.is_tensor(g) else None for g in row]
             self._triton_launch(group, window, row, accum_steps, grad_scale, None, flush=True,
@@ -885,9 +899,11 @@ class AccumOptimizer(Optimizer):
         window = self._device_window(index, group, param.device, param.dtype)
         t = window.index[param]
         if not group["step_per_window"]:
-            # Later micro-steps fold this tensor from the hook's first lines (step_per_window
-            # must see every hook: it counts the backward passes).
-            self._hook_routes[id(param)] = (window, t, index)
+            # This micro-step's later hooks of the bucket, and later micro-steps, fold this
+            # tensor from the hook's first lines (step_per_window must see every hook: it counts
+            # the backward passes).
+            self._hook_routes[id(param)] = (window, t)
+            window.hooks_checked = True
         self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
 
     def _fold_into_window(self, group, window, t, param, grad, accum_steps, fold_only):
@@ -997,7 +1013,7 @@ class AccumOptimizer(Optimizer):
             window = self._device_windows[key]
             for param, entry in self._window_counters(key, window).items():
                 self.state[param].update(entry)
-            window.retired = True      # hook routes to it are stale
+            window.retire()            # hook routes to it are stale
             del self._device_windows[key]
 
     # ----- state_dict ---------------------------------------------------------------------------
@@ -1147,6 +1163,12 @@ class AccumOptimizer(Optimizer):
                                  f"{tuple(param.shape)}")
 
 
+def _all_none(values):
+    """Whether every one of ``values`` is None (C-level: no per-item Python, and no tensor is
+    compared with ``==``)."""
+    return not any(map(operator.is_not, values, itertools.repeat(None)))
+
+
 def _lr_key(lr):
     """An lr to compare across micro-steps: its value (a CUDA Tensor lr by identity: no sync)."""
     if isinstance(lr, torch.Tensor):
@@ -1258,6 +1280,10 @@ def _shard_like(grad, param):
             (grad.placements != param.placements or grad.device_mesh != param.device_mesh):
         return grad.redistribute(param.device_mesh, param.placements)
     return grad
+
+
+def _same(tensor):
+    return tensor
 
 
 def as_real(tensor):

@@ -10,13 +10,19 @@ step with torch's foreach ops made no-ops; its `step_us` on the CPU is real CPU 
 host figure.
 
 - `fold_us`, `update_us`: AccumAdamW step mode, a fold micro-step and an update micro-step.
-- `hooks_and_step_us`: fold_in_backward, one micro-step: every parameter's hook (as autograd
-  calls it once the gradient is final) and the step() after them.
+- `hooks_and_step_us`: fold_in_backward, one micro-step: every parameter's hook (the function
+  registered on it, called as autograd calls it once the gradient is final) and the step()
+  after them, less `autograd_us`, the same loop setting each .grad without the hooks (autograd's
+  own work, in C++ in a real backward and in step mode alike).
 - `step_us` (torch.optim.AdamW foreach): its whole step, once per window; `python_us`: the same
   step with torch's foreach ops made no-ops, i.e. its own Python.
 - `of_adamw_python`: accumopt's time per micro-step as a fraction of AdamW's own Python per
   step (goal: at most 25% in step mode); `of_step_mode`: fold_in_backward's hooks and step() as
   a multiple of step mode's micro-step (goal: at most 2).
+- `first_hook_us`, `large_hook_us`, `small_hook_us`, `hook_step_us`: where that time goes, each
+  hook timed alone: the first hook of a micro-step (it checks the bucket and builds the launch
+  arguments), a later large tensor's (its own launch), a small tensor's (held for step()), and
+  the step() after the hooks; `large_tensors` / `small_tensors` count them.
 - `tables_ms`: building one bucket's DeviceWindow for a 7B-parameter model (goal: 50 ms)."""
 import json
 import os
@@ -116,15 +122,28 @@ def measure(device):
         p.grad = None
     hooked = AccumAdamW(params, lr=1e-4, accum_steps=2 ** 30, backend="triton",
                         fold_in_backward=True)
+    # The hooks as autograd calls them once a gradient is final: the functions registered on
+    # each parameter, after .grad is set (in backward that is autograd's C++, the same in step
+    # mode, so the loop's own time without the hooks is taken off).
+    hooks = [list(p._post_accumulate_grad_hooks.values()) for p in params]
+    assert all(len(h) == 1 for h in hooks), "one fold_in_backward hook per parameter"
 
     def hooks_and_step():
         with torch.no_grad():               # autograd runs the hooks with grad mode off
-            for p, g in zip(params, grads):
+            for p, g, (hook,) in zip(params, grads, hooks):
                 p.grad = g
-                hooked._fold_in_backward(p)     # what the post-accumulate-grad hook calls
+                hook(p)
         hooked.step()
-    out["hooks_and_step_us"] = _median_us(hooks_and_step, reps=REPS // 4, sync=sync)
+
+    def loop_alone():
+        with torch.no_grad():
+            for p, g, (hook,) in zip(params, grads, hooks):
+                p.grad = g
+    total = _median_us(hooks_and_step, reps=REPS // 4, sync=sync)
+    out.update(_hooks_apart(hooked, params, grads, hooks, sync))
     hooked.remove_hooks()
+    out["autograd_us"] = _median_us(loop_alone, reps=REPS // 4)
+    out["hooks_and_step_us"] = total - out["autograd_us"]
     hooked = params = grads = None   # free them before the 7B tables
 
     from accumopt.kernels import DeviceWindow
@@ -134,6 +153,39 @@ def measure(device):
     out["tables_ms"] = _median_us(build, reps=TABLE_REPS, sync=sync) / 1e3
     out["tables_params"] = float(sum(p.numel() for p in big))
     return out
+
+
+def _hooks_apart(optimizer, params, grads, hooks, sync):
+    """Where fold_in_backward's time goes: each hook timed alone (less the timer's own span),
+    the first of a micro-step apart from the rest (it checks the bucket and builds the launch
+    arguments the later large tensors reuse), the others by kind (a large tensor's launch, a
+    small one's stash), and the step() after them."""
+    from accumopt.kernels import tables
+    clock = time.perf_counter_ns
+    timer = statistics.median(-clock() + clock() for _ in range(1000))
+    large = [p.numel() >= tables.HOOK_LAUNCH_MIN_NUMEL for p in params]
+    spans = [[] for _ in params]
+    steps = []
+    for _ in range(REPS // 4):
+        with torch.no_grad():
+            for span, p, g, (hook,) in zip(spans, params, grads, hooks):
+                p.grad = g
+                start = clock()
+                hook(p)
+                span.append(clock() - start)
+        start = clock()
+        optimizer.step()
+        steps.append(clock() - start)
+        if sync is not None:
+            sync()
+
+    def median_us(rows):
+        return (statistics.median(x for row in rows for x in row) - timer) / 1e3
+    return {"first_hook_us": median_us(spans[:1]),
+            "large_hook_us": median_us([s for s, big in zip(spans[1:], large[1:]) if big]),
+            "small_hook_us": median_us([s for s, big in zip(spans[1:], large[1:]) if not big]),
+            "hook_step_us": statistics.median(steps) / 1e3,
+            "large_tensors": sum(large), "small_tensors": len(large) - sum(large)}
 
 
 def _child():
@@ -163,10 +215,15 @@ def run(device, quick, results, progress):
     results.add(SUITE, case, "torch.optim.AdamW foreach", "step_us", row["adamw_step_us"], "us")
     results.add(SUITE, case, "torch.optim.AdamW foreach", "python_us", python, "us")
     step_mode = max(row["fold_us"], row["update_us"])
-    for metric in ("fold_us", "update_us", "hooks_and_step_us"):
-        impl = ("AccumAdamW triton fold_in_backward" if metric == "hooks_and_step_us"
-                else "AccumAdamW triton step mode")
-        results.add(SUITE, case, impl, metric, row[metric], "us")
+    for metric in ("fold_us", "update_us"):
+        results.add(SUITE, case, "AccumAdamW triton step mode", metric, row[metric], "us")
+    for metric in ("hooks_and_step_us", "first_hook_us", "large_hook_us", "small_hook_us",
+                   "hook_step_us", "autograd_us"):
+        results.add(SUITE, case, "AccumAdamW triton fold_in_backward", metric, row[metric],
+                    "us")
+    for metric in ("large_tensors", "small_tensors"):
+        results.add(SUITE, case, "AccumAdamW triton fold_in_backward", metric, row[metric],
+                    "count")
     results.add(SUITE, case, "AccumAdamW triton step mode", "of_adamw_python",
                 step_mode / python, "fraction")
     results.add(SUITE, case, "AccumAdamW triton fold_in_backward", "of_adamw_python",

@@ -8,9 +8,8 @@ LION_SLOTS = ("grad_accum", "exp_avg")
 
 
 def lion_micro_step(window, grads, *, lr, beta1, beta2, weight_decay, maximize, accum_steps,
-                    accum_reduction, grad_scale=None, found_inf=None, hook_tensor=None,
-                    flush=False, fold_only=False):
+                    accum_reduction, grad_scale=None, found_inf=None, **launch):
     window.launch(SGD_EXACT, grads, accum_steps=accum_steps, lr=0.0, weight_decay=0.0,
                   maximize=maximize, accum_reduction=accum_reduction, momentum=0.0,
                   momentum_buffer=False, grad_scale=grad_scale, found_inf=found_inf,
-                  hook_tensor=hook_tensor, flush=flush, fold_only=True)
+                  **dict(launch, fold_only=True))

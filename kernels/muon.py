@@ -11,11 +11,10 @@ MUON_NESTEROV_SLOTS = ("grad_accum", "momentum_buffer")
 
 def muon_micro_step(window, grads, *, lr, weight_decay, momentum, nesterov, ns_coefficients,
                     eps, ns_steps, adjust_lr_fn, maximize, accum_steps, accum_reduction,
-                    grad_scale=None, found_inf=None, hook_tensor=None, flush=False,
-                    fold_only=False):
+                    grad_scale=None, found_inf=None, **launch):
     fold = dict(momentum=0.0, momentum_buffer=False) if nesterov else \
         dict(momentum=momentum, dampening=momentum)
     window.launch(SGD_EXACT if nesterov else SGDM, grads, accum_steps=accum_steps, lr=0.0,
                   weight_decay=0.0, maximize=maximize, accum_reduction=accum_reduction,
-                  grad_scale=grad_scale, found_inf=found_inf, hook_tensor=hook_tensor,
-                  flush=flush, fold_only=True, **fold)
+                  grad_scale=grad_scale, found_inf=found_inf, **fold,
+                  **dict(launch, fold_only=True))

@@ -14,6 +14,8 @@ from .micro_step import HOOKED as _HOOKED
 from .micro_step import micro_step_kernel
 from .window import window_kernel
 
+_is_contiguous = torch.Tensor.is_contiguous
+
 # Elements and warps per program, per dtype: 8 elements per thread either way (so the fp32 math
 # holds the same registers), which is two 128-bit accesses per fp32 tensor and one per bf16 /
 # fp16 tensor, and the same bytes in flight per program (20 KB for an Adam fold). Set from
@@ -77,11 +79,6 @@ def _kernel_ready(grad):
     return grad.clone(memory_format=torch.contiguous_format)
 
 
-def _device_guard(device):
-    """Triton launches on the current CUDA device's stream: make it the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 class DeviceWindow:
     """Tables and counters for one bucket: parameters of one param group on one device with one
     dtype, and their state tensors in the variant's slot order (None where a slot is unused).
@@ -98,6 +95,11 @@ class DeviceWindow:
         self.params = list(params)
         self.slots = [list(slot) for slot in slots]
         self.device = self.params[0].device
+        # Triton launches on the current CUDA device's stream: launches make the tensors'
+        # device current, and a hook's short way runs only where it already is.
+        self._device_index = self.device.index if self.device.type == "cuda" else None
+        self._device = (torch.cuda.device(self.device) if self.device.type == "cuda"
+                        else contextlib.nullcontext())
         self.dtype = KERNEL_DTYPES[self.params[0].dtype]
         self.block, self.num_warps = LAUNCH_SHAPES[self.params[0].dtype]
         self.dtensor = any(type(p).__name__ == "DTensor" for p in self.params)
@@ -106,6 +108,8 @@ class DeviceWindow:
         rows = [_addresses(self.params), [0] * n] + [_addresses(slot) for slot in self.slots]
         rows += [[0] * n] * (N_SLOTS - len(rows))
         self.table = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        self._grad_row = self.table[1]
+        self._written = None      # the gradient row's numbers as last written
         numels = [local_tensor(p).numel() for p in self.params]
         self.numel_of = numels                 # per tensor, its local numel (host ints)
         self.numels = torch.tensor(numels, dtype=torch.int64, device=self.device)
@@ -117,10 +121,18 @@ class DeviceWindow:
         self._grads_alive = []
         self._staging, self._staged, self._flip = None, None, 0
         self.plan = None      # the optimizer's plan of the group this window was checked under
-        self.retired = False  # written back into the host state and dropped by the optimizer
         self._launch_options = {}     # launch options -> the kernel's keyword arguments
-        self._hook_work = {}          # tensor -> its columns of the work table (hook launches)
+        self._hook_work = {}          # tensor -> its work columns and grid (hook launches)
+        # fold_in_backward, this micro-step: whether a hook has checked the bucket (set by the
+        # optimizer), and the arguments of its hook launches once one has run (see
+        # fold_hooked); both cleared at the micro-step's end.
+        self.hooks_checked = False
+        self._hook_arguments = None
+        self._hook_mark = HOOKED
         self.row = [None] * n
+        # What the gradient row will hold for ``row``'s stashed gradients and marks (0 for
+        # the rest), kept as they come: a step() after hooks writes it as it is.
+        self.row_addresses = [0] * n
         self.has_marks = False    # whether ``row`` holds a stashed gradient or a mark
         self.stashed_numel = 0
 
@@ -154,33 +166,52 @@ class DeviceWindow:
     def matches(self, params, slots):
         return self._signature == self.signature(params, slots)
 
-    def set_grads(self, grads):
+    def set_grads(self, grads, addresses=None):
         """Point the gradient row at this micro-step's gradients (0 where None, HOOKED where a
-        hook folded it already): one host-to-device copy from a reused pinned buffer, no sync.
-        The common case (dense, aligned, contiguous plain tensors) costs one data_ptr() and one
-        is_contiguous() per gradient; anything else (a DTensor's local shard, a strided or
-        misaligned gradient, which gets a dense copy) takes the slow path."""
+        hook folded it already): one host-to-device copy from a reused pinned buffer, no sync,
+        and none when the row holds these numbers already.
+
+        ``addresses``, when the caller has them (every gradient a tensor), are the gradients'
+        data_ptr(): the common case (dense, aligned, contiguous plain tensors) then costs one
+        is_contiguous() per gradient and two passes over the numbers. Anything else (a mark, a
+        DTensor's local shard, a strided or misaligned gradient, which gets a dense copy) takes
+        the general path. ``grads`` may be ``row`` itself (every gradient of this micro-step
+        came through a hook): its addresses are kept already."""
+        self._grads_alive = []
+        if grads is self.row:
+            addresses = self.row_addresses
+        elif addresses is None or self.has_marks or self.dtensor or not (
+                all(map(_is_contiguous, grads)) and min(addresses) > 0
+                and not functools.reduce(operator.or_, addresses) & 15):
+            addresses = self._row_addresses(grads)
+        self._write_row(addresses)
+
+    def _row_addresses(self, grads):
+        """The gradient row's numbers, every kind of entry: marks as they are, 0 for None, the
+        address of a kernel-ready tensor (a dense copy kept alive where it was not)."""
         if self.dtensor:     # a DTensor's own data_ptr() is not its local shard's
             addresses = [0 if g is None else g if g.__class__ is int else -1 for g in grads]
         else:
             addresses = [0 if g is None else g if g.__class__ is int else
                          g.data_ptr() if g.is_contiguous() else -1 for g in grads]
-        slow = []
-        if self.has_marks or min(addresses) <= 0 or functools.reduce(operator.or_, addresses) & 15:
-            # Something is not a plain aligned gradient (one check over all of them first).
-            slow = [t for t, a in enumerate(addresses) if a < 0 or a > FOLDED and a & 15]
-            if 0 in addresses:   # None, or a tensor reporting no address (an empty one)
-                slow += [t for t, a in enumerate(addresses) if a == 0 and grads[t] is not None]
+        slow = [t for t, a in enumerate(addresses) if a < 0 or a > FOLDED and a & 15]
+        if 0 in addresses:   # None, or a tensor reporting no address (an empty one)
+            slow += [t for t, a in enumerate(addresses) if a == 0 and grads[t] is not None]
         # Gradients (and copies) the kernel reads must live until it has read them; on CUDA the
         # stream orders their reuse after it, on the CPU the interpreter runs synchronously.
-        self._grads_alive = []
         for t in slow:
             g = _kernel_ready(grads[t])
             self._grads_alive.append(g)
             addresses[t] = g.data_ptr() or EMPTY_ADDRESS
+        return addresses
+
+    def _write_row(self, addresses):
+        if addresses == self._written:
+            return     # the device's row holds these already (the allocator reuses addresses)
+        self._written = addresses.copy()     # (a kept list changes in place)
         row = torch.frombuffer(array.array("q", addresses), dtype=torch.int64)
         if self.device.type != "cuda":
-            self.table[1].copy_(row)
+            self._grad_row.copy_(row)
             return
         # Two pinned buffers in turn: one may still be read by the previous copy.
         if self._staging is None:
@@ -191,7 +222,7 @@ class DeviceWindow:
         if self._staged[i] is not None:
             self._staged[i].synchronize()     # long done in practice: a micro-step ago
         self._staging[i].copy_(row)
-        self.table[1].copy_(self._staging[i], non_blocking=True)
+        self._grad_row.copy_(self._staging[i], non_blocking=True)
         self._staged[i] = torch.cuda.Event()
         self._staged[i].record()
 
@@ -204,7 +235,11 @@ class DeviceWindow:
         return tuple(self.window.tolist())
 
     def stash(self, t, grad):
+        """Hold tensor ``t``'s gradient (a dense copy where the kernel cannot take it) for the
+        next launch of the gradient row."""
+        grad = _kernel_ready(grad)
         self.row[t] = grad
+        self.row_addresses[t] = grad.data_ptr() or EMPTY_ADDRESS
         self.stashed_numel += self.numel_of[t]
         self.has_marks = True
 
@@ -214,7 +249,7 @@ class DeviceWindow:
 
     def mark_folded(self, indices, code=HOOKED):
         for t in indices:
-            self.row[t] = code
+            self.row[t] = self.row_addresses[t] = code
         self.stashed_numel = 0
         self.has_marks = self.has_marks or bool(indices)
 
@@ -223,51 +258,106 @@ class DeviceWindow:
         framework ends with step()): the device's window length, written without a sync."""
         self.window[1].fill_(int(length))
 
+    def fold_hooked(self, t, grad):
+        """A fold_in_backward hook's gradient of tensor ``t`` (its bucket checked this
+        micro-step: ``hooks_checked``), the short way: a small one into the stash, a large
+        one through the launch an earlier hook of this micro-step prepared. False, with nothing
+        done, where the full path must run: the stash is full, no hook has launched yet this
+        micro-step, the gradient is not a plain kernel-ready tensor (a sparse one is not
+        contiguous), or the bucket holds DTensors."""
+        if self.dtensor or grad.__class__ is not torch.Tensor or not grad.is_contiguous():
+            return False
+        address = grad.data_ptr()
+        if address & 15 or not address:
+            return False
+        numel = self.numel_of[t]
+        if numel < HOOK_LAUNCH_MIN_NUMEL:
+            numel += self.stashed_numel
+            if numel >= STASH_MAX_NUMEL:
+                return False
+            self.row[t] = grad
+            self.row_addresses[t] = address
+            self.stashed_numel = numel
+            self.has_marks = True
+            return True
+        arguments = self._hook_arguments
+        if arguments is None or (self._device_index is not None and
+                                 torch.cuda.current_device() != self._device_index):
+            return False
+        self._grads_alive = [grad]
+        tail, launch_options = arguments
+        work, grid = self._hook_work.get(t) or self._hook_columns(t)
+        micro_step_kernel[grid](
+            work, self.n_work, self.numels, self.table, len(self.params), self.folds,
+            self.updates, self.window, self.updates, self.updates, address, *tail,
+            **launch_options)
+        self.row[t] = self.row_addresses[t] = self._hook_mark
+        self.has_marks = True
+        return True
+
+    def _hook_columns(self, t):
+        """Tensor ``t``'s own columns of the work table (a view) and its launch grid, kept."""
+        columns = self._hook_work.get(t)
+        if columns is None:
+            columns = self._hook_work[t] = (self.work[:, self.first_chunk[t]:], (self.chunks[t],))
+        return columns
+
+    def retire(self):
+        """The optimizer has written the counters back and dropped this window: hook routes to
+        it are stale."""
+        self.hooks_checked = False
+        self._hook_arguments = None
+
     def end_micro_step(self):
         self.row = [None] * len(self.params)
+        self.row_addresses = [0] * len(self.params)
         self.stashed_numel = 0
         self.has_marks = False
+        self.hooks_checked = False
+        self._hook_arguments = None
 
-    def launch(self, variant, grads, **options):
+    def launch(self, variant, grads, *, accum_steps, lr, weight_decay, maximize,
+               accum_reduction, beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, dampening=0.0,
+               decoupled_weight_decay=False, amsgrad=False, nesterov=False,
+               momentum_buffer=False, grad_scale=None, found_inf=None, hook_tensor=None,
+               flush=False, fold_only=False, addresses=None):
         """A micro-step: the fold kernel over every (tensor, block), then the bookkeeping kernel.
 
         ``grads`` is the bucket's gradient row (a tensor, None or HOOKED per tensor). With
         ``hook_tensor`` it is that one tensor's gradient and only its blocks run (from a
         fold_in_backward hook); with ``flush`` only tensors with a gradient run, and with
         ``fold_only`` too they are folded but never moved. None of these counts the micro-step:
-        the step's own launch does."""
-        if self.device.type != "cuda":
-            return self._launch(variant, grads, **options)
-        with _device_guard(self.device):
-            self._launch(variant, grads, **options)
+        the step's own launch does. ``addresses``: the gradients' data_ptr(), when the caller
+        has them (see set_grads)."""
+        with self._device:
+            self._launch(variant, grads, accum_steps, lr, beta1, beta2, eps, weight_decay,
+                         momentum, dampening, maximize, accum_reduction,
+                         decoupled_weight_decay, amsgrad, nesterov, momentum_buffer,
+                         grad_scale, found_inf, hook_tensor, flush, fold_only, addresses)
 
-    def _launch(self, variant, grads, *, accum_steps, lr, weight_decay, maximize,
-                accum_reduction, beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, dampening=0.0,
-                decoupled_weight_decay=False, amsgrad=False, nesterov=False,
-                momentum_buffer=False, grad_scale=None, found_inf=None, hook_tensor=None,
-                flush=False, fold_only=False):
+    def _launch(self, variant, grads, accum_steps, lr, beta1, beta2, eps, weight_decay,
+                momentum, dampening, maximize, accum_reduction, decoupled_weight_decay,
+                amsgrad, nesterov, momentum_buffer, grad_scale, found_inf, hook_tensor, flush,
+                fold_only, addresses):
         if hook_tensor is None:
-            self.set_grads(grads)
+            self.set_grads(grads, addresses)
         else:
             grads = _kernel_ready(grads)
             self._grads_alive = [grads]
         dummy = self.updates  # stands in for an absent scalar tensor; never read
-        scalars = dict(grad_scale_ptr=dummy, found_inf_ptr=dummy)
+        grad_scale_ptr = found_inf_ptr = dummy
         if grad_scale is not None:
-            scalars["grad_scale_ptr"] = grad_scale.to(self.device, torch.float32,
-                                                      non_blocking=True)
+            grad_scale_ptr = grad_scale.to(self.device, torch.float32, non_blocking=True)
         if found_inf is not None:
-            scalars["found_inf_ptr"] = found_inf.to(self.device, torch.float32,
-                                                    non_blocking=True)
+            found_inf_ptr = found_inf.to(self.device, torch.float32, non_blocking=True)
         work, n_work, n_programs, hook_grad_addr = self.work, self.n_work, self.n_work, 0
         if hook_tensor is not None:
-            work = self._hook_work.get(hook_tensor)
-            if work is None:     # the tensor's own columns of the work table, a view kept
-                work = self._hook_work[hook_tensor] = self.work[:, self.first_chunk[hook_tensor]:]
-            n_programs = self.chunks[hook_tensor]
+            work, (n_programs,) = self._hook_columns(hook_tensor)
             hook_grad_addr = grads.data_ptr() or EMPTY_ADDRESS
-        elif not flush and self.large and self.n_small_work < self.n_work and all(
-                grads[t].__class__ is int and grads[t] == HOOKED for t in self.large):
+        elif not flush and self.large and self.n_small_work < self.n_work and (
+                all(map(HOOKED.__eq__, map(self.row_addresses.__getitem__, self.large)))
+                if grads is self.row else   # (row_addresses holds only ints)
+                all(grads[t].__class__ is int and grads[t] == HOOKED for t in self.large)):
             # Every large tensor was folded (and moved) by its hook: only the small ones work.
             work, n_work, n_programs = self.small_work, self.n_small_work, self.n_small_work
         if n_programs:
@@ -275,34 +365,46 @@ class DeviceWindow:
                        dampening, maximize, accum_reduction, decoupled_weight_decay, amsgrad,
                        nesterov, momentum_buffer, grad_scale is not None, found_inf is not None,
                        hook_tensor is not None, flush, fold_only)
-            kwargs = self._launch_options.get(options)
-            if kwargs is None:
-                # The kernel's keyword arguments, built once per set of options (micro-steps
-                # repeat them): scalars as the kernel takes them, the constexprs.
+            arguments = self._launch_options.get(options)
+            if arguments is None:
                 if len(self._launch_options) > 64:   # hyperparameters that keep changing
                     self._launch_options.clear()
-                kwargs = dict(
-                    accum_steps=int(accum_steps), lr=float(lr), beta1=float(beta1),
-                    beta2=float(beta2), log2_beta1=_log2(beta1), log2_beta2=_log2(beta2),
-                    eps=float(eps), weight_decay=float(weight_decay), momentum=float(momentum),
-                    dampening=float(dampening), VARIANT=variant, DTYPE=self.dtype,
-                    MAXIMIZE=bool(maximize), MEAN=accum_reduction == "mean",
-                    DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
-                    NESTEROV=bool(nesterov), MOMENTUM_BUFFER=bool(momentum_buffer),
-                    HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                    HOOK=hook_tensor is not None, MOVE_UNFOLDED=not flush,
-                    FOLD_ONLY=bool(fold_only), BLOCK=self.block, num_warps=self.num_warps)
-                if self.device.type == "cuda":
-                    kwargs["maxnreg"] = MAX_REGISTERS
-                self._launch_options[options] = kwargs
+                arguments = self._launch_options[options] = self._kernel_arguments(*options)
+            tail, launch_options = arguments
+            if hook_tensor is not None and grad_scale is None and found_inf is None:
+                # The later hooks of this micro-step launch with the same arguments.
+                self._hook_arguments = (tail, launch_options)
+                self._hook_mark = FOLDED if fold_only else HOOKED
             micro_step_kernel[(n_programs,)](
                 work, n_work, self.numels, self.table, len(self.params), self.folds,
-                self.updates, self.window, hook_grad_addr=hook_grad_addr, **scalars, **kwargs)
+                self.updates, self.window, grad_scale_ptr, found_inf_ptr, hook_grad_addr, *tail,
+                **launch_options)
         if hook_tensor is not None or flush:
             return
         window_kernel[(1,)](self.table, len(self.params), self.folds, self.updates, self.window,
-                            scalars["found_inf_ptr"], int(accum_steps),
-                            HAS_FOUND_INF=found_inf is not None, BLOCK=WINDOW_BLOCK)
+                            found_inf_ptr, int(accum_steps), found_inf is not None, WINDOW_BLOCK)
+
+    def _kernel_arguments(self, variant, accum_steps, lr, beta1, beta2, eps, weight_decay,
+                          momentum, dampening, maximize, accum_reduction,
+                          decoupled_weight_decay, amsgrad, nesterov, momentum_buffer,
+                          has_grad_scale, has_found_inf, hook, flush, fold_only):
+        """The micro-step kernel's arguments from ``accum_steps`` on, in its signature's order
+        (positional: a launch passes them as one tuple, not as ~30 keywords), and its launch
+        options; built once per set of options, which micro-steps repeat."""
+        tail = (int(accum_steps), float(lr), float(beta1), float(beta2), _log2(beta1),
+                _log2(beta2), float(eps), float(weight_decay), float(momentum),
+                float(dampening),
+                # the constexprs: VARIANT, DTYPE, MAXIMIZE, MEAN, DECOUPLED, AMSGRAD, NESTEROV,
+                # MOMENTUM_BUFFER, HAS_GRAD_SCALE, HAS_FOUND_INF, HOOK, MOVE_UNFOLDED,
+                # FOLD_ONLY, BLOCK
+                variant, self.dtype, bool(maximize), accum_reduction == "mean",
+                bool(decoupled_weight_decay), bool(amsgrad), bool(nesterov),
+                bool(momentum_buffer), has_grad_scale, has_found_inf, hook, not flush,
+                bool(fold_only), self.block)
+        launch_options = dict(num_warps=self.num_warps)
+        if self.device.type == "cuda":
+            launch_options["maxnreg"] = MAX_REGISTERS
+        return tail, launch_options
 
 
 def _log2(beta):

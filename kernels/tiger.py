@@ -9,9 +9,8 @@ TIGER_SLOTS = ("exp_avg",)
 
 
 def tiger_micro_step(window, grads, *, lr, beta, weight_decay, lr_scale, maximize, accum_steps,
-                     accum_reduction, grad_scale=None, found_inf=None, hook_tensor=None,
-                     flush=False, fold_only=False):
+                     accum_reduction, grad_scale=None, found_inf=None, **launch):
     window.launch(SGDM, grads, accum_steps=accum_steps, lr=0.0, weight_decay=0.0,
                   maximize=maximize, accum_reduction=accum_reduction, momentum=beta,
                   dampening=beta, grad_scale=grad_scale, found_inf=found_inf,
-                  hook_tensor=hook_tensor, flush=flush, fold_only=True)
+                  **dict(launch, fold_only=True))

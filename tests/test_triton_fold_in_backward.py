@@ -1,6 +1,8 @@
 """fold_in_backward on the Triton backend: per-tensor launches inside backward for large
 gradients, a stash folded at step() (or flushed when large) for small ones; the same numbers as
 Triton step mode, bit for bit, and as the torch backend."""
+import inspect
+
 import pytest
 import torch
 
@@ -54,20 +56,28 @@ def test_triton_hook_mode_equals_step_mode(monkeypatch, cls, kwargs, launch_min,
                                    msg=lambda m: f"param {i} vs the torch backend: {m}")
 
 
+def record_launches(monkeypatch, label):
+    """Record ``label(HOOK)`` for every launch of the micro-step kernel (a hook's launch, or
+    a step's / flush's); returns the list it fills."""
+    calls = []
+    kernel = tables.micro_step_kernel
+    hook = kernel.arg_names.index("HOOK")
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(label(args[hook]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(tables, "micro_step_kernel", Recording())
+    return calls
+
+
 def test_hook_launches_per_micro_step(monkeypatch):
     """Large gradients: one launch each inside backward; small ones: none until step(), whose
     two launches (fold of the stash and moves, bookkeeping) cover them all."""
     monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 1000)
-    calls = []
-    kernel = tables.micro_step_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                calls.append("hook" if kwargs["HOOK"] else "step")
-                return kernel[grid](*args, **kwargs)
-            return launch
-    monkeypatch.setattr(tables, "micro_step_kernel", Counting())
+    calls = record_launches(monkeypatch, lambda hook: "hook" if hook else "step")
     params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in SHAPES]
     opt = AccumAdamW(params, accum_steps=2, backend="triton", fold_in_backward=True)
     large = sum(p.numel() >= 1000 for p in params)
@@ -77,3 +87,95 @@ def test_hook_launches_per_micro_step(monkeypatch):
         assert calls == ["hook"] * large
         opt.step()
         assert calls == ["hook"] * large + ["step"]
+
+
+def test_later_hooks_launch_with_the_first_hooks_arguments(monkeypatch):
+    """Once every tensor's route is known (after the first micro-step), a micro-step's first
+    large hook builds the launch arguments through the launcher and the later large hooks of
+    that micro-step launch with them directly (DeviceWindow.fold_hooked): one kernel launch
+    each, no second pass through the launcher."""
+    monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 1000)
+    through_launcher = []
+    original = tables.DeviceWindow._launch
+    hook_tensor = list(inspect.signature(original).parameters).index("hook_tensor") - 1
+
+    def counting(self, *args):
+        through_launcher.append(args[hook_tensor] is not None)    # a hook's launch
+        return original(self, *args)
+    monkeypatch.setattr(tables.DeviceWindow, "_launch", counting)
+    launches = record_launches(monkeypatch, bool)
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in SHAPES]
+    opt = AccumAdamW(params, accum_steps=2, backend="triton", fold_in_backward=True)
+    large = sum(p.numel() >= 1000 for p in params)
+    assert large >= 2
+    for t in range(3):
+        through_launcher.clear()
+        launches.clear()
+        sum(p.sum() for p in params).backward()
+        assert launches == [True] * large, launches
+        # The first micro-step finds each tensor's route; from then on they are kept.
+        assert through_launcher == [True] * (large if t == 0 else 1), (t, through_launcher)
+        opt.step()
+    opt.remove_hooks()
+
+
+def test_hyperparameters_changed_between_windows_reach_the_hook_launches(monkeypatch):
+    """The arguments a hook launch reuses live for one micro-step: an lr or betas changed
+    between windows moves the next window's parameters as in step mode and on the torch path."""
+    monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 100)
+
+    def train(backend, hook):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in SHAPES]
+        opt = AccumAdam(params, lr=1e-2, accum_steps=2, backend=backend,
+                        fold_in_backward=hook)
+        for t in range(8):
+            if t % 2 == 0 and t:
+                opt.param_groups[0]["lr"] *= 0.5
+                opt.param_groups[0]["betas"] = (0.8 + t / 100, 0.99)
+            grads = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES]
+            sum((p * g).sum() for p, g in zip(params, grads)).backward()
+            opt.step()
+            opt.zero_grad()
+        if hook:
+            opt.remove_hooks()
+        return params
+
+    hooked, stepped = train("triton", True), train("triton", False)
+    reference = train("torch", False)
+    for i, (a, b, r) in enumerate(zip(hooked, stepped, reference)):
+        assert torch.equal(a, b), f"param {i}: hook mode differs from step mode"
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"param {i} vs the torch backend: {m}")
+
+
+def test_a_misaligned_gradient_of_a_later_hook_reaches_the_kernel_as_an_aligned_copy(
+        monkeypatch):
+    """A large gradient the hook's short way cannot take (here a view at an odd offset; in
+    backward a gradient hook may hand over anything) goes the full way: an aligned copy,
+    folded with the same result as the torch path."""
+    monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 16)
+
+    def train(backend, misaligned):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, n).to(DEVICE)) for n in (33, 40)]
+        opt = AccumAdamW(params, lr=0.1, accum_steps=2, backend=backend,
+                         fold_in_backward=True)
+        hooks = [next(iter(p._post_accumulate_grad_hooks.values())) for p in params]
+        for t in range(4):
+            with torch.no_grad():
+                for i, (p, hook) in enumerate(zip(params, hooks)):
+                    buf = torch.arange(p.numel() + 1, dtype=torch.float32,
+                                       device=DEVICE) / 10 + t + i
+                    p.grad = buf[1:] if misaligned else buf[1:].clone()
+                    assert (p.grad.data_ptr() % 16 != 0) == misaligned
+                    hook(p)          # as autograd calls it once the gradient is final
+                    assert p.grad is None
+            opt.step()
+        opt.remove_hooks()
+        return [p.detach().clone() for p in params]
+
+    want = train("torch", False)
+    for misaligned in (False, True):
+        for i, (a, b) in enumerate(zip(train("triton", misaligned), want)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"misaligned={misaligned}, param {i}: {m}")
