@@ -339,11 +339,13 @@ class AccumOptimizer(Optimizer):
 
     # ----- step -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, closure=None):
         """Fold this micro-batch's gradients (those hooks have not folded already); on every
         ``accum_steps``-th call, move the parameters. Sets ``updated`` and, on an update,
         increments ``num_updates``."""
+        # torch.no_grad(), without its decorator's per-call objects.
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
         try:
             return self._step(closure)
         except BaseException:
@@ -352,6 +354,8 @@ class AccumOptimizer(Optimizer):
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
             raise
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
 
     def _step(self, closure):
         loss = None
@@ -375,6 +379,7 @@ class AccumOptimizer(Optimizer):
         on_triton = [self._runs_triton(i, group) for i, group in enumerate(self.param_groups)]
         if any(on_triton) and "accum_steps checked" not in self._micro_step_cache:
             self._check_triton_accum_steps()
+            self._micro_step_cache["accum_steps checked"] = True
         if not all(on_triton):
             self._sync_window()
             for index, runs in enumerate(on_triton):

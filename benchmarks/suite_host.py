@@ -24,6 +24,7 @@ host figure.
   arguments), a later large tensor's (its own launch), a small tensor's (held for step()), and
   the step() after the hooks; `large_tensors` / `small_tensors` count them.
 - `tables_ms`: building one bucket's DeviceWindow for a 7B-parameter model (goal: 50 ms)."""
+import contextlib
 import json
 import os
 import statistics
@@ -87,6 +88,29 @@ def _median_us(fn, reps=REPS, sync=None):
     return statistics.median(times) * 1e6
 
 
+def _side_by_side(calls, reps=REPS, sync=None):
+    """Median µs of each ``(fn, context)`` with the calls interleaved one by one (each inside a
+    fresh ``context()``, entered outside the timed span), so that a change in the machine's speed
+    during the run reaches all of them alike; the order turns each round, so that each follows
+    each of the others equally often (what ran before decides what is still in the caches)."""
+    for fn, context in calls:
+        with context():
+            for _ in range(5):
+                fn()
+    times = [[] for _ in calls]
+    for rep in range(reps):
+        for j in range(len(calls)):
+            i = (rep + j) % len(calls)
+            fn, context = calls[i]
+            with context():
+                start = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - start)
+            if sync is not None:
+                sync()
+    return [statistics.median(spans) * 1e6 for spans in times]
+
+
 def _params(device, shapes):
     return [torch.nn.Parameter(torch.empty(s, device=device)) for s in shapes]
 
@@ -108,15 +132,12 @@ def measure(device):
     adamw = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     out["adamw_step_us"] = _median_us(adamw.step, reps=REPS if device == "cuda" else 20,
                                       sync=sync)
-    with _foreach_ops_as_no_ops():
-        out["adamw_python_us"] = _median_us(adamw.step)
-    del adamw
-
     fold = AccumAdamW(params, lr=1e-4, accum_steps=2 ** 30, backend="triton")
-    out["fold_us"] = _median_us(fold.step, sync=sync)
     update = AccumAdamW(params, lr=1e-4, accum_steps=1, backend="triton")
-    out["update_us"] = _median_us(update.step, sync=sync)
-    del fold, update
+    out["adamw_python_us"], out["fold_us"], out["update_us"] = _side_by_side(
+        [(adamw.step, _foreach_ops_as_no_ops), (fold.step, contextlib.nullcontext),
+         (update.step, contextlib.nullcontext)], sync=sync)
+    del adamw, fold, update
 
     for p in params:
         p.grad = None

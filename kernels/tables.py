@@ -110,6 +110,7 @@ class DeviceWindow:
         self.table = torch.tensor(rows, dtype=torch.int64, device=self.device)
         self._grad_row = self.table[1]
         self._written = None      # the gradient row's numbers as last written
+        self._plain_addresses = None  # the last gradient addresses found plain (see _plain)
         numels = [local_tensor(p).numel() for p in self.params]
         self.numel_of = numels                 # per tensor, its local numel (host ints)
         self.numels = torch.tensor(numels, dtype=torch.int64, device=self.device)
@@ -173,18 +174,29 @@ class DeviceWindow:
 
         ``addresses``, when the caller has them (every gradient a tensor), are the gradients'
         data_ptr(): the common case (dense, aligned, contiguous plain tensors) then costs one
-        is_contiguous() per gradient and two passes over the numbers. Anything else (a mark, a
-        DTensor's local shard, a strided or misaligned gradient, which gets a dense copy) takes
-        the general path. ``grads`` may be ``row`` itself (every gradient of this micro-step
+        is_contiguous() per gradient and a comparison with the last numbers. Anything else (a
+        mark, a DTensor's local shard, a strided or misaligned gradient, which gets a dense
+        copy) takes the general path. ``grads`` may be ``row`` itself (every gradient of this micro-step
         came through a hook): its addresses are kept already."""
         self._grads_alive = []
         if grads is self.row:
             addresses = self.row_addresses
-        elif addresses is None or self.has_marks or self.dtensor or not (
-                all(map(_is_contiguous, grads)) and min(addresses) > 0
-                and not functools.reduce(operator.or_, addresses) & 15):
+        elif addresses is None or self.has_marks or self.dtensor or \
+                not self._plain(grads, addresses):
             addresses = self._row_addresses(grads)
         self._write_row(addresses)
+
+    def _plain(self, grads, addresses):
+        """Whether every gradient is contiguous, at a non-zero 16-byte aligned address: the
+        contiguity every time, the numbers only when they differ from the last ones that
+        passed."""
+        if not all(map(_is_contiguous, grads)):
+            return False
+        if addresses != self._plain_addresses:
+            if min(addresses) <= 0 or functools.reduce(operator.or_, addresses) & 15:
+                return False
+            self._plain_addresses = addresses      # (the caller's list, never changed after)
+        return True
 
     def _row_addresses(self, grads):
         """The gradient row's numbers, every kind of entry: marks as they are, 0 for None, the
@@ -309,10 +321,11 @@ class DeviceWindow:
         self._hook_arguments = None
 
     def end_micro_step(self):
-        self.row = [None] * len(self.params)
-        self.row_addresses = [0] * len(self.params)
-        self.stashed_numel = 0
-        self.has_marks = False
+        if self.has_marks:     # (nothing is stashed or marked without setting it)
+            self.row = [None] * len(self.params)
+            self.row_addresses = [0] * len(self.params)
+            self.stashed_numel = 0
+            self.has_marks = False
         self.hooks_checked = False
         self._hook_arguments = None
 

@@ -119,26 +119,37 @@ def test_hook_routes_follow_a_replaced_storage(replace_at):
 
 def test_the_device_row_holds_each_micro_steps_gradients():
     """step() writes the gradient row only when its addresses changed (the caching allocator
-    hands the same ones back micro-step after micro-step): the device's row must still hold
-    this micro-step's gradients every time, whether the gradients are the same tensors, new
-    ones, or absent, and the results match the torch path."""
+    hands the same ones back micro-step after micro-step), and checks the addresses' alignment
+    only when they differ from the last ones that passed: the device's row must still hold
+    this micro-step's gradients every time (the same tensors, new ones, an absent one, a
+    misaligned view as its aligned copy), and the results match the torch path."""
     def train(backend):
         gen = torch.Generator().manual_seed(5)
         params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(DEVICE))
                   for n in (5, 1030, 3)]
         grads = [torch.zeros_like(p) for p in params]
+        spare = torch.zeros(1031, device=DEVICE)
         opt = AccumAdamW(params, lr=1e-2, accum_steps=3, backend=backend)
-        for t in range(7):
+        for t in range(8):
             if t == 3:
                 grads = [torch.zeros_like(p) for p in params]      # new tensors
             for i, (p, g) in enumerate(zip(params, grads)):
                 g.copy_(torch.randn(g.shape, generator=gen).to(DEVICE))
                 p.grad = None if (t, i) == (5, 1) else g
+            if t == 6:       # a view at an odd offset, then (t = 7) the plain ones again
+                spare[1:].copy_(grads[1])
+                params[1].grad = spare[1:]
             opt.step()
             if backend == "triton":
                 window = opt._device_windows[(0, params[0].device, torch.float32)]
-                want = [0 if p.grad is None else p.grad.data_ptr() for p in params]
-                assert window.table[1].tolist() == want, f"micro-step {t}: a stale row"
+                row = window.table[1].tolist()
+                for i, p in enumerate(params):
+                    if p.grad is None or p.grad.data_ptr() % 16 == 0:
+                        want = 0 if p.grad is None else p.grad.data_ptr()
+                        assert row[i] == want, f"micro-step {t}, param {i}: a stale row"
+                    else:
+                        assert row[i] % 16 == 0 and row[i] != p.grad.data_ptr(), \
+                            f"micro-step {t}, param {i}: a misaligned address in the row"
         return params
 
     for i, (a, b) in enumerate(zip(train("triton"), train("torch"))):
