@@ -909,6 +909,7 @@ class AccumOptimizer(Optimizer):
             # the backward passes).
             self._hook_routes[id(param)] = (window, t)
             window.hooks_checked = True
+            window.hook_mark = FOLDED if fold_only else HOOKED
         self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
 
     def _fold_into_window(self, group, window, t, param, grad, accum_steps, fold_only):
@@ -948,28 +949,49 @@ class AccumOptimizer(Optimizer):
         return [window for key, window in self._device_windows.items() if key[0] == index]
 
     def _device_window(self, index, group, device, dtype):
-        """The DeviceWindow of a bucket, (re)built when its set of tensors changed: checked in
-        full when the group's plan is new or the window was retired, otherwise reused as is.
-        Before a rebuild the group's windows write their counters back into the host state, so
-        no fold is lost when, e.g., a parameter's storage is replaced mid-window."""
+        """The DeviceWindow of a bucket. The group's windows are checked together, once per
+        plan of the group: those whose tensors and state are unchanged are kept; if one changed,
+        every window of the group writes its counters back into the host state and is retired
+        (a tensor may have moved between buckets, and its counters must come along), so no fold
+        is lost when, e.g., a parameter's storage is replaced mid-window. A bucket without a
+        window gets one, built from the host state."""
         key = (index, device, dtype)
         window = self._device_windows.get(key)
         plan = self._triton_plan(index, group)
         if window is not None and window.plan is plan:
             return window
-        params = [group["params"][i] for i in plan.buckets[(device, dtype)]]
+        checked = [(k, w) for k, w in self._device_windows.items() if k[0] == index]
+        if any(w.plan is not plan for _, w in checked):
+            if all(self._window_matches(group, plan, w, device_of, dtype_of)
+                   for (_, device_of, dtype_of), w in checked):
+                for _, w in checked:
+                    w.plan = plan
+            else:
+                self._retire_device_windows(index)
+            window = self._device_windows.get(key)
+            if window is not None:
+                return window
+        params, states, slots = self._bucket_tables(group, plan, device, dtype)
+        window = self._build_device_window(group, params, states, slots)
+        window.plan = plan
+        self._device_windows[key] = window
+        return window
+
+    def _window_matches(self, group, plan, window, device, dtype):
+        """Whether ``window`` still addresses its bucket's tensors and state under ``plan``."""
+        params, _, slots = self._bucket_tables(group, plan, device, dtype)
+        return window.matches(params, slots)
+
+    def _bucket_tables(self, group, plan, device, dtype):
+        """A bucket's parameters under ``plan``, their (initialised) states and their state
+        tensors in slot order: what its DeviceWindow is built from (nothing for a bucket the
+        plan no longer has)."""
+        params = [group["params"][i] for i in plan.buckets.get((device, dtype), ())]
         states = [self.state[p] for p in params]
         for p, s in zip(params, states):
             self._init_state(group, p, s)
         slots = list(zip(*[self._variant(group).device_slots(s) for s in states]))
-        if window is None or not window.matches(params, slots):
-            # Every window of the group is retired (and rebuilt when next used): a tensor
-            # may have moved between buckets, and its counters must come along.
-            self._retire_device_windows(index)
-            window = self._build_device_window(group, params, states, slots)
-            self._device_windows[key] = window
-        window.plan = plan
-        return window
+        return params, states, slots
 
     def _build_device_window(self, group, params, states, slots):
         from .kernels import DeviceWindow

@@ -129,7 +129,7 @@ class DeviceWindow:
         # fold_hooked); both cleared at the micro-step's end.
         self.hooks_checked = False
         self._hook_arguments = None
-        self._hook_mark = HOOKED
+        self.hook_mark = HOOKED   # the mark of a hook's fold (set with hooks_checked)
         self.row = [None] * n
         # What the gradient row will hold for ``row``'s stashed gradients and marks (0 for
         # the rest), kept as they come: a step() after hooks writes it as it is.
@@ -220,10 +220,11 @@ class DeviceWindow:
     def _write_row(self, addresses):
         if addresses == self._written:
             return     # the device's row holds these already (the allocator reuses addresses)
-        self._written = addresses.copy()     # (a kept list changes in place)
+        self._written = None                 # until the copy below is queued
         row = torch.frombuffer(array.array("q", addresses), dtype=torch.int64)
         if self.device.type != "cuda":
             self._grad_row.copy_(row)
+            self._written = addresses.copy()     # (a kept list changes in place)
             return
         # Two pinned buffers in turn: one may still be read by the previous copy.
         if self._staging is None:
@@ -237,6 +238,7 @@ class DeviceWindow:
         self._grad_row.copy_(self._staging[i], non_blocking=True)
         self._staged[i] = torch.cuda.Event()
         self._staged[i].record()
+        self._written = addresses.copy()
 
     def counters(self):
         """(folds, updates) per tensor, read back to the host (a sync)."""
@@ -303,7 +305,7 @@ class DeviceWindow:
             work, self.n_work, self.numels, self.table, len(self.params), self.folds,
             self.updates, self.window, self.updates, self.updates, address, *tail,
             **launch_options)
-        self.row[t] = self.row_addresses[t] = self._hook_mark
+        self.row[t] = self.row_addresses[t] = self.hook_mark
         self.has_marks = True
         return True
 
@@ -387,7 +389,6 @@ class DeviceWindow:
             if hook_tensor is not None and grad_scale is None and found_inf is None:
                 # The later hooks of this micro-step launch with the same arguments.
                 self._hook_arguments = (tail, launch_options)
-                self._hook_mark = FOLDED if fold_only else HOOKED
             micro_step_kernel[(n_programs,)](
                 work, n_work, self.numels, self.table, len(self.params), self.folds,
                 self.updates, self.window, grad_scale_ptr, found_inf_ptr, hook_grad_addr, *tail,

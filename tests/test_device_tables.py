@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import accumopt.kernels.tables as tables
-from accumopt import AccumAdamW
+from accumopt import AccumAdamW, AccumLion, AccumSGDM, AccumTiger
 from triton_device import DEVICE, needs_triton
 
 pytestmark = needs_triton
@@ -154,3 +154,83 @@ def test_the_device_row_holds_each_micro_steps_gradients():
 
     for i, (a, b) in enumerate(zip(train("triton"), train("torch"))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"param {i}: {m}")
+
+
+@pytest.mark.parametrize("cls,kwargs", [(AccumAdamW, {}), (AccumLion, {}), (AccumTiger, {}),
+                                        (AccumSGDM, dict(momentum=0.9))],
+                         ids=["AdamW", "Lion", "Tiger", "SGDM"])
+def test_hook_mode_step_launches_only_the_small_tensors_in_every_family(monkeypatch, cls,
+                                                                        kwargs):
+    """Whatever the family's kernel folds with (Lion, Tiger and Muon fold without moving on
+    the Triton path), the hooks' marks say what the optimizer did, so step() after hooks that
+    folded every large tensor launches only the small tensors' blocks, micro-step after
+    micro-step."""
+    monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 100)
+    programs = []
+    monkeypatch.setattr(tables, "micro_step_kernel",
+                        RecordingKernel(tables.micro_step_kernel, programs))
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(DEVICE))
+              for n in (3000, 2000, 7, 4000)]
+    opt = cls(params, lr=1e-2, accum_steps=4, backend="triton", fold_in_backward=True,
+              **kwargs)
+    for t in range(3):                     # the window's last micro-step is left out: Lion's
+        programs.clear()                   # and Tiger's run the torch path
+        sum((p * torch.randn(p.shape, generator=gen).to(DEVICE)).sum()
+            for p in params).backward()
+        window = next(iter(opt._device_windows.values()))
+        opt.step()
+        assert programs[-1] == window.n_small_work == 1, (t, programs)
+    opt.remove_hooks()
+
+
+def test_a_group_of_two_dtypes_keeps_both_buckets_tables():
+    """A param group with tensors of two dtypes has two buckets: each gets its tables once, and
+    neither is rebuilt (nor its hooks' stash lost) when the other is used."""
+    builds = []
+    original = tables.DeviceWindow.__init__
+
+    def counting(self, *args, **kwargs):
+        builds.append(1)
+        original(self, *args, **kwargs)
+    results = {}
+    for hook in (False, True):
+        builds.clear()
+        params = [torch.nn.Parameter(torch.ones(4, device=DEVICE, dtype=torch.bfloat16)),
+                  torch.nn.Parameter(torch.ones(4, device=DEVICE))]
+        opt = AccumSGDM(params, lr=1.0, momentum=0.0, accum_steps=2, backend="triton",
+                        fold_in_backward=hook)
+        tables.DeviceWindow.__init__ = counting
+        try:
+            for _ in range(6):
+                (params[0].float().sum() + params[1].sum()).backward()
+                opt.step()
+                opt.zero_grad()
+        finally:
+            tables.DeviceWindow.__init__ = original
+        assert len(builds) == 2, f"fold_in_backward={hook}: {len(builds)} table builds"
+        if hook:
+            opt.remove_hooks()
+        results[hook] = [p.detach().float() for p in params]
+    for hook, got in results.items():      # 3 windows of SGD at lr 1 on a gradient of ones
+        for i, p in enumerate(got):
+            assert torch.equal(p, torch.full_like(p, -2.0)), (hook, i, p)
+
+
+def test_a_row_write_that_failed_is_written_on_the_retry(monkeypatch):
+    """The row counts as written only once its copy is queued: a step() that failed while
+    writing it (here torch.frombuffer raising) writes it on the retry."""
+    p = torch.nn.Parameter(torch.zeros(8, device=DEVICE))
+    opt = AccumSGDM([p], lr=1.0, momentum=0.0, accum_steps=1, backend="triton")
+    p.grad = torch.ones(8, device=DEVICE)
+    opt.step()
+    p.grad = torch.full((8,), 2.0, device=DEVICE)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the row could not be written")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "frombuffer", failing)
+        with pytest.raises(RuntimeError, match="could not be written"):
+            opt.step()
+    opt.step()
+    assert torch.equal(p.detach(), torch.full_like(p, -3.0)), p

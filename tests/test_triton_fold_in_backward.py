@@ -179,3 +179,27 @@ def test_a_misaligned_gradient_of_a_later_hook_reaches_the_kernel_as_an_aligned_
         for i, (a, b) in enumerate(zip(train("triton", misaligned), want)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"misaligned={misaligned}, param {i}: {m}")
+
+
+def test_a_group_of_two_dtypes_folds_the_same_in_hook_and_step_mode(monkeypatch):
+    """Two buckets in one param group (fp32 and bf16 tensors): each bucket's hooks fold into its
+    own window and neither window's stash is lost when the other is used."""
+    monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 100)
+
+    def train(hook):
+        gen = torch.Generator().manual_seed(7)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE, dtype))
+                  for s, dtype in zip(SHAPES, [torch.float32, torch.bfloat16] * 3)]
+        opt = AccumAdamW(params, lr=1e-2, accum_steps=K, backend="triton",
+                         fold_in_backward=hook)
+        for t in range(2 * K + 1):
+            grads = [torch.randn(p.shape, generator=gen).to(DEVICE, p.dtype) for p in params]
+            sum((p * g).float().sum() for p, g in zip(params, grads)).backward()
+            opt.step()
+            opt.zero_grad()
+        if hook:
+            opt.remove_hooks()
+        return params
+
+    for i, (a, b) in enumerate(zip(train(True), train(False))):
+        assert torch.equal(a, b), f"param {i} ({a.dtype}): hook mode differs from step mode"
