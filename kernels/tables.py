@@ -301,6 +301,8 @@ class DeviceWindow:
         self._grads_alive = [grad]
         tail, launch_options = arguments
         work, grid = self._hook_work.get(t) or self._hook_columns(t)
+        # (_launch's argument order; a hook has no GradScaler: the two scalar tensors are the
+        # never-read stand-in)
         micro_step_kernel[grid](
             work, self.n_work, self.numels, self.table, len(self.params), self.folds,
             self.updates, self.window, self.updates, self.updates, address, *tail,
