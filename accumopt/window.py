@@ -377,9 +377,8 @@ class AccumOptimizer(Optimizer):
         grads, addresses = zip(*[self._group_grads(i, group)
                                  for i, group in enumerate(self.param_groups)]) or ((), ())
         on_triton = [self._runs_triton(i, group) for i, group in enumerate(self.param_groups)]
-        if any(on_triton) and "accum_steps checked" not in self._micro_step_cache:
+        if any(on_triton):
             self._check_triton_accum_steps()
-            self._micro_step_cache["accum_steps checked"] = True
         if not all(on_triton):
             self._sync_window()
             for index, runs in enumerate(on_triton):
@@ -588,9 +587,7 @@ class AccumOptimizer(Optimizer):
     def _hook_fold(self, index, group, param, grad, accum_steps, last):
         """The fold of one hook, under no_grad."""
         if self._runs_triton(index, group):
-            if "accum_steps checked" not in self._micro_step_cache:
-                self._check_triton_accum_steps()
-                self._micro_step_cache["accum_steps checked"] = True
+            self._check_triton_accum_steps()
             self._triton_fold_in_backward(index, group, param, grad, accum_steps,
                                           fold_only=last and (self._clips() or
                                                               self._averager is not None))
@@ -858,13 +855,16 @@ class AccumOptimizer(Optimizer):
 
     def _check_triton_accum_steps(self):
         """The device counts the window in int32: refuse a larger accum_steps before anything
-        runs."""
+        runs (checked once per micro-step: the hooks and step() all ask)."""
+        if "accum_steps checked" in self._micro_step_cache:
+            return
         for group in self.param_groups:
             if isinstance(group["accum_steps"], numbers.Integral) and \
                     group["accum_steps"] > _INT32_MAX:
                 raise ValueError(f"Invalid accum_steps: {group['accum_steps']} (the Triton path "
                                  f"counts windows in int32: at most {_INT32_MAX}; use "
                                  f"backend='torch' for longer windows)")
+        self._micro_step_cache["accum_steps checked"] = True
 
     def _triton_micro_step(self, index, group, grads, accum_steps, grad_scale, found_inf,
                            fold_only=False, addresses=None):

@@ -74,18 +74,7 @@ class _foreach_ops_as_no_ops:
 
 
 def _median_us(fn, reps=REPS, sync=None):
-    for _ in range(5):
-        fn()
-    if sync is not None:
-        sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        if sync is not None:
-            sync()     # outside the timed span: the next call starts on an idle queue
-    return statistics.median(times) * 1e6
+    return _side_by_side([(fn, contextlib.nullcontext)], reps, sync)[0]
 
 
 def _side_by_side(calls, reps=REPS, sync=None):
@@ -97,6 +86,8 @@ def _side_by_side(calls, reps=REPS, sync=None):
         with context():
             for _ in range(5):
                 fn()
+    if sync is not None:
+        sync()
     times = [[] for _ in calls]
     for rep in range(reps):
         for j in range(len(calls)):
@@ -107,7 +98,7 @@ def _side_by_side(calls, reps=REPS, sync=None):
                 fn()
                 times[i].append(time.perf_counter() - start)
             if sync is not None:
-                sync()
+                sync()     # outside the timed span: the next call starts on an idle queue
     return [statistics.median(spans) * 1e6 for spans in times]
 
 

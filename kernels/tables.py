@@ -289,6 +289,7 @@ class DeviceWindow:
             numel += self.stashed_numel
             if numel >= STASH_MAX_NUMEL:
                 return False
+            # stash()'s bookkeeping, inline (once per small parameter per micro-step)
             self.row[t] = grad
             self.row_addresses[t] = address
             self.stashed_numel = numel
