@@ -545,18 +545,13 @@ class AccumOptimizer(Optimizer):
         backward, so the common path does no more than it must: a tensor of a Triton bucket
         this micro-step already checked goes straight to its launch or the stash."""
         route = self._hook_routes.get(id(param))
-        if route is not None:
-            # A tensor whose bucket a hook of this micro-step has already checked (the route is
-            # kept from an earlier micro-step; the window's ``hooks_checked`` is set by that
-            # hook and cleared when the micro-step ends or the window is retired): the window's
-            # short way, DeviceWindow.fold_hooked. Where it declines, the full path below.
-            window, t = route
-            grad = param.grad
-            if window.hooks_checked and grad is not None and window.row[t] is None and \
-                    window.fold_hooked(t, grad):    # (it declines a sparse gradient)
-                param.grad = None
-                self._hooked[id(param)] = param
-                return
+        # A tensor whose bucket a hook of this micro-step has already checked (the route is kept
+        # from an earlier micro-step; the window's ``hooks_checked`` is set by that hook and
+        # cleared when the micro-step ends or the window is retired): the window's short way,
+        # DeviceWindow.take_hooked. Where it declines, the full path below.
+        if route is not None and route[0].take_hooked(route[1], param):
+            self._hooked[id(param)] = param
+            return
         grad = param.grad
         index = self._group_index.get(param)
         if grad is None or index is None or not self.param_groups[index]["fold_in_backward"]:
@@ -903,10 +898,10 @@ class AccumOptimizer(Optimizer):
         micro-steps, fold."""
         window = self._device_window(index, group, param.device, param.dtype)
         t = window.index[param]
-        if not group["step_per_window"]:
+        if not (group["step_per_window"] or window.dtensor):
             # This micro-step's later hooks of the bucket, and later micro-steps, fold this
             # tensor from the hook's first lines (step_per_window must see every hook: it counts
-            # the backward passes).
+            # the backward passes; a DTensor's gradient may need resharding first).
             self._hook_routes[id(param)] = (window, t)
             window.hooks_checked = True
             window.hook_mark = FOLDED if fold_only else HOOKED

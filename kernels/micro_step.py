@@ -183,11 +183,12 @@ def _fold_block(table_ptr, t, n_tensors, grad_addr, offs, in_bounds, has_grad, f
 # of scalar table loads, an address the loads already hint as aligned, a count): one compiled
 # kernel serves every table size and every accum_steps.
 @triton.jit(do_not_specialize=["n_work", "n_tensors", "hook_grad_addr", "accum_steps"])
-def micro_step_kernel(work_ptr, n_work, numel_ptr, table_ptr, n_tensors, folds_ptr, updates_ptr,
-                      window_ptr, grad_scale_ptr, found_inf_ptr, hook_grad_addr, accum_steps,
-                      lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, momentum,
-                      dampening, VARIANT: tl.constexpr, DTYPE: tl.constexpr,
-                      MAXIMIZE: tl.constexpr, MEAN: tl.constexpr, DECOUPLED: tl.constexpr,
+def micro_step_kernel(work_ptr, hook_grad_addr, n_work, numel_ptr, table_ptr, n_tensors,
+                      folds_ptr, updates_ptr, window_ptr, grad_scale_ptr, found_inf_ptr,
+                      accum_steps, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
+                      weight_decay, momentum, dampening, VARIANT: tl.constexpr,
+                      DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, MEAN: tl.constexpr,
+                      DECOUPLED: tl.constexpr,
                       AMSGRAD: tl.constexpr, NESTEROV: tl.constexpr,
                       MOMENTUM_BUFFER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                       HAS_FOUND_INF: tl.constexpr, HOOK: tl.constexpr,

@@ -126,7 +126,7 @@ class DeviceWindow:
         self._hook_work = {}          # tensor -> its work columns and grid (hook launches)
         # fold_in_backward, this micro-step: whether a hook has checked the bucket (set by the
         # optimizer), and the arguments of its hook launches once one has run (see
-        # fold_hooked); both cleared at the micro-step's end.
+        # take_hooked); both cleared at the micro-step's end.
         self.hooks_checked = False
         self._hook_arguments = None
         self.hook_mark = HOOKED   # the mark of a hook's fold (set with hooks_checked)
@@ -272,14 +272,19 @@ class DeviceWindow:
         framework ends with step()): the device's window length, written without a sync."""
         self.window[1].fill_(int(length))
 
-    def fold_hooked(self, t, grad):
-        """A fold_in_backward hook's gradient of tensor ``t`` (its bucket checked this
-        micro-step: ``hooks_checked``), the short way: a small one into the stash, a large
-        one through the launch an earlier hook of this micro-step prepared. False, with nothing
-        done, where the full path must run: the stash is full, no hook has launched yet this
-        micro-step, the gradient is not a plain kernel-ready tensor (a sparse one is not
-        contiguous), or the bucket holds DTensors."""
-        if self.dtensor or grad.__class__ is not torch.Tensor or not grad.is_contiguous():
+    def take_hooked(self, t, param):
+        """A fold_in_backward hook of tensor ``t`` (its bucket checked this micro-step:
+        ``hooks_checked``), the short way: a small gradient into the stash, a large one through
+        the launch an earlier hook of this micro-step prepared; ``param.grad`` is then None.
+        False, with nothing done, where the full path must run: the bucket is not checked yet,
+        ``t`` has a gradient or mark this micro-step already, the stash is full, no hook has
+        launched yet this micro-step, or the gradient is not a plain kernel-ready tensor (a
+        sparse one is not contiguous). (The optimizer keeps no route to a bucket of DTensors.)
+        """
+        if not self.hooks_checked or self.row[t] is not None:
+            return False
+        grad = param.grad
+        if grad.__class__ is not torch.Tensor or not grad.is_contiguous():   # (None too)
             return False
         address = grad.data_ptr()
         if address & 15 or not address:
@@ -293,23 +298,18 @@ class DeviceWindow:
             self.row[t] = grad
             self.row_addresses[t] = address
             self.stashed_numel = numel
-            self.has_marks = True
-            return True
-        arguments = self._hook_arguments
-        if arguments is None or (self._device_index is not None and
-                                 torch.cuda.current_device() != self._device_index):
-            return False
-        self._grads_alive = [grad]
-        tail, launch_options = arguments
-        work, grid = self._hook_work.get(t) or self._hook_columns(t)
-        # (_launch's argument order; a hook has no GradScaler: the two scalar tensors are the
-        # never-read stand-in)
-        micro_step_kernel[grid](
-            work, self.n_work, self.numels, self.table, len(self.params), self.folds,
-            self.updates, self.window, self.updates, self.updates, address, *tail,
-            **launch_options)
-        self.row[t] = self.row_addresses[t] = self.hook_mark
+        else:
+            arguments = self._hook_arguments
+            if arguments is None or (self._device_index is not None and
+                                     torch.cuda.current_device() != self._device_index):
+                return False
+            self._grads_alive = [grad]
+            rest, launch_options = arguments
+            work, grid = self._hook_work.get(t) or self._hook_columns(t)
+            micro_step_kernel[grid](work, address, *rest, **launch_options)
+            self.row[t] = self.row_addresses[t] = self.hook_mark
         self.has_marks = True
+        param.grad = None
         return True
 
     def _hook_columns(self, t):
@@ -389,13 +389,13 @@ class DeviceWindow:
                     self._launch_options.clear()
                 arguments = self._launch_options[options] = self._kernel_arguments(*options)
             tail, launch_options = arguments
+            rest = (n_work, self.numels, self.table, len(self.params), self.folds,
+                    self.updates, self.window, grad_scale_ptr, found_inf_ptr) + tail
             if hook_tensor is not None and grad_scale is None and found_inf is None:
-                # The later hooks of this micro-step launch with the same arguments.
-                self._hook_arguments = (tail, launch_options)
-            micro_step_kernel[(n_programs,)](
-                work, n_work, self.numels, self.table, len(self.params), self.folds,
-                self.updates, self.window, grad_scale_ptr, found_inf_ptr, hook_grad_addr, *tail,
-                **launch_options)
+                # The later hooks of this micro-step launch with the same arguments but their
+                # own columns and gradient (see take_hooked).
+                self._hook_arguments = (rest, launch_options)
+            micro_step_kernel[(n_programs,)](work, hook_grad_addr, *rest, **launch_options)
         if hook_tensor is not None or flush:
             return
         window_kernel[(1,)](self.table, len(self.params), self.folds, self.updates, self.window,

@@ -28,9 +28,9 @@ from accumopt.kernels.tables import LAUNCH_SHAPES, MAX_REGISTERS
 from accumopt.kernels.window import window_kernel
 
 SIGNATURE = {
-    "work_ptr": "*i32", "n_work": "i32", "numel_ptr": "*i64", "table_ptr": "*i64",
-    "n_tensors": "i32", "folds_ptr": "*i32", "updates_ptr": "*fp32", "window_ptr": "*i32",
-    "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "hook_grad_addr": "i64",
+    "work_ptr": "*i32", "hook_grad_addr": "i64", "n_work": "i32", "numel_ptr": "*i64",
+    "table_ptr": "*i64", "n_tensors": "i32", "folds_ptr": "*i32", "updates_ptr": "*fp32",
+    "window_ptr": "*i32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
     "accum_steps": "i32", "lr": "fp32",
     "beta1": "fp32", "beta2": "fp32", "log2_beta1": "fp32", "log2_beta2": "fp32", "eps": "fp32",
     "weight_decay": "fp32", "momentum": "fp32", "dampening": "fp32"}

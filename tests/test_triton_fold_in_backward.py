@@ -92,7 +92,7 @@ def test_hook_launches_per_micro_step(monkeypatch):
 def test_later_hooks_launch_with_the_first_hooks_arguments(monkeypatch):
     """Once every tensor's route is known (after the first micro-step), a micro-step's first
     large hook builds the launch arguments through the launcher and the later large hooks of
-    that micro-step launch with them directly (DeviceWindow.fold_hooked): one kernel launch
+    that micro-step launch with them directly (DeviceWindow.take_hooked): one kernel launch
     each, no second pass through the launcher."""
     monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 1000)
     through_launcher = []
