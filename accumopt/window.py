@@ -110,7 +110,7 @@ class AccumOptimizer(Optimizer):
         self._window_known = True         # False after a step only the device knew the drop of
         self._device_windows = {}         # (group index, device, dtype) -> DeviceWindow
         self._hooked = {}                 # id -> parameter hooks folded in this micro-step
-        self._hook_routes = {}            # id(param) -> (its DeviceWindow, its index there)
+        self._hook_routes = {}   # id(param) -> (its DeviceWindow's take_hooked, its index there)
         self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
         self._plans = {}                  # group index -> _TritonPlan (Triton path)
         # step_per_window: the autograd graph tasks of this micro-step's backward (id -> ended)
@@ -549,7 +549,7 @@ class AccumOptimizer(Optimizer):
         # from an earlier micro-step; the window's ``hooks_checked`` is set by that hook and
         # cleared when the micro-step ends or the window is retired): the window's short way,
         # DeviceWindow.take_hooked. Where it declines, the full path below.
-        if route is not None and route[0].take_hooked(route[1], param):
+        if route is not None and route[0](route[1], param):
             self._hooked[id(param)] = param
             return
         grad = param.grad
@@ -902,7 +902,7 @@ class AccumOptimizer(Optimizer):
             # This micro-step's later hooks of the bucket, and later micro-steps, fold this
             # tensor from the hook's first lines (step_per_window must see every hook: it counts
             # the backward passes; a DTensor's gradient may need resharding first).
-            self._hook_routes[id(param)] = (window, t)
+            self._hook_routes[id(param)] = (window.take_hooked, t)
             window.hooks_checked = True
             window.hook_mark = FOLDED if fold_only else HOOKED
         self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)

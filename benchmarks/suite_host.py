@@ -12,8 +12,9 @@ host figure.
 - `fold_us`, `update_us`: AccumAdamW step mode, a fold micro-step and an update micro-step.
 - `hooks_and_step_us`: fold_in_backward, one micro-step: every parameter's hook (the function
   registered on it, called as autograd calls it once the gradient is final) and the step()
-  after them, less `autograd_us`, the same loop setting each .grad without the hooks (autograd's
-  own work, in C++ in a real backward and in step mode alike).
+  after them, less `autograd_us`, the same loop setting each .grad (from None, as the hooks
+  leave it) without the hooks (autograd's own work, in C++ in a real backward and in step mode
+  alike).
 - `step_us` (torch.optim.AdamW foreach): its whole step, once per window; `python_us`: the same
   step with torch's foreach ops made no-ops, i.e. its own Python.
 - `of_adamw_python`: accumopt's time per micro-step as a fraction of AdamW's own Python per
@@ -151,10 +152,18 @@ def measure(device):
         with torch.no_grad():
             for p, g, (hook,) in zip(params, grads, hooks):
                 p.grad = g
+
+    @contextlib.contextmanager
+    def grads_freed():
+        # As the hooks leave them (and as autograd finds them): setting a .grad that is None
+        # costs more than setting the same tensor again.
+        for p in params:
+            p.grad = None
+        yield
     total = _median_us(hooks_and_step, reps=REPS // 4, sync=sync)
     out.update(_hooks_apart(hooked, params, grads, hooks, sync))
     hooked.remove_hooks()
-    out["autograd_us"] = _median_us(loop_alone, reps=REPS // 4)
+    out["autograd_us"] = _side_by_side([(loop_alone, grads_freed)], reps=REPS // 4)[0]
     out["hooks_and_step_us"] = total - out["autograd_us"]
     hooked = params = grads = None   # free them before the 7B tables
 

@@ -59,6 +59,7 @@ def kernel_can_take(tensor):
 # An empty tensor's data_ptr() is 0, the gradient row's "no gradient"; it has no blocks, so this
 # stand-in address that marks it present is never dereferenced.
 EMPTY_ADDRESS = 16
+_TENSOR = torch.Tensor   # (a hook's check of its gradient's class, without two lookups)
 
 
 def _addresses(tensors):
@@ -284,7 +285,7 @@ class DeviceWindow:
         if not self.hooks_checked or self.row[t] is not None:
             return False
         grad = param.grad
-        if grad.__class__ is not torch.Tensor or not grad.is_contiguous():   # (None too)
+        if grad.__class__ is not _TENSOR or not grad.is_contiguous():   # (None too)
             return False
         address = grad.data_ptr()
         if address & 15 or not address:
