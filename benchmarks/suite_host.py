@@ -17,9 +17,13 @@ host figure.
   alike).
 - `step_us` (torch.optim.AdamW foreach): its whole step, once per window; `python_us`: the same
   step with torch's foreach ops made no-ops, i.e. its own Python.
+- `zero_grad_us`: the loop's zero_grad() after each step(): in step mode it frees the
+  gradients (the hooks have freed them in fold_in_backward mode).
 - `of_adamw_python`: accumopt's time per micro-step as a fraction of AdamW's own Python per
   step (goal: at most 25% in step mode); `of_step_mode`: fold_in_backward's hooks and step() as
-  a multiple of step mode's micro-step (goal: at most 2).
+  a multiple of step mode's micro-step (goal: at most 2); `loop_of_step_mode`: the same with
+  each mode's zero_grad() added (the whole per-micro-step cost of the training loop, where
+  fold_in_backward's hooks do the freeing zero_grad does in step mode; no goal).
 - `first_hook_us`, `large_hook_us`, `small_hook_us`, `hook_step_us`: where that time goes, each
   hook timed alone: the first hook of a micro-step (it checks the bucket and builds the launch
   arguments), a later large tensor's (its own launch), a small tensor's (held for step()), and
@@ -129,6 +133,14 @@ def measure(device):
     out["adamw_python_us"], out["fold_us"], out["update_us"] = _side_by_side(
         [(adamw.step, _foreach_ops_as_no_ops), (fold.step, contextlib.nullcontext),
          (update.step, contextlib.nullcontext)], sync=sync)
+
+    @contextlib.contextmanager
+    def grads_set():
+        for p, g in zip(params, grads):
+            p.grad = g
+        yield
+    # The loop's zero_grad() after step(): in step mode it frees the micro-batch's gradients.
+    out["zero_grad_us"] = _side_by_side([(fold.zero_grad, grads_set)], reps=REPS // 4)[0]
     del adamw, fold, update
 
     for p in params:
@@ -162,6 +174,8 @@ def measure(device):
         yield
     total = _median_us(hooks_and_step, reps=REPS // 4, sync=sync)
     out.update(_hooks_apart(hooked, params, grads, hooks, sync))
+    # The loop's zero_grad() in fold_in_backward mode: the hooks have freed every gradient.
+    out["hook_zero_grad_us"] = _median_us(hooked.zero_grad, reps=REPS // 4)
     hooked.remove_hooks()
     out["autograd_us"] = _side_by_side([(loop_alone, grads_freed)], reps=REPS // 4)[0]
     out["hooks_and_step_us"] = total - out["autograd_us"]
@@ -236,7 +250,7 @@ def run(device, quick, results, progress):
     results.add(SUITE, case, "torch.optim.AdamW foreach", "step_us", row["adamw_step_us"], "us")
     results.add(SUITE, case, "torch.optim.AdamW foreach", "python_us", python, "us")
     step_mode = max(row["fold_us"], row["update_us"])
-    for metric in ("fold_us", "update_us"):
+    for metric in ("fold_us", "update_us", "zero_grad_us"):
         results.add(SUITE, case, "AccumAdamW triton step mode", metric, row[metric], "us")
     for metric in ("hooks_and_step_us", "first_hook_us", "large_hook_us", "small_hook_us",
                    "hook_step_us", "autograd_us"):
@@ -251,6 +265,11 @@ def run(device, quick, results, progress):
                 row["hooks_and_step_us"] / python, "fraction")
     results.add(SUITE, case, "AccumAdamW triton fold_in_backward", "of_step_mode",
                 row["hooks_and_step_us"] / step_mode, "x")
+    results.add(SUITE, case, "AccumAdamW triton fold_in_backward", "zero_grad_us",
+                row["hook_zero_grad_us"], "us")
+    results.add(SUITE, case, "AccumAdamW triton fold_in_backward", "loop_of_step_mode",
+                (row["hooks_and_step_us"] + row["hook_zero_grad_us"])
+                / (step_mode + row["zero_grad_us"]), "x")
     results.add(SUITE, f"llama-7B bucket, {row['tables_params'] / 1e9:.1f}B parameters",
                 "DeviceWindow", "tables_ms", row["tables_ms"], "ms")
     progress.advance(f"{SUITE}: measured")
