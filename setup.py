@@ -15,7 +15,7 @@ setup(
     # numpy: Triton's interpreter (TRITON_INTERPRET=1), which the CPU tests run the kernels in.
     # bench: the plots, and torch-optimi, the peer the suites compare against.
     # integrations: the training frameworks the integration tests run accumopt in.
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "numpy"],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "numpy", "expecttest"],
                     "bench": ["matplotlib", "torch-optimi"],
                     "integrations": ["transformers", "accelerate", "lightning"]},
 )

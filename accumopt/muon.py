@@ -4,7 +4,7 @@ import torch
 from .family import Variant, kernel
 from .functional.muon import muon_momentum_micro_step, muon_nesterov_micro_step
 from .validation import as_float, check_bool, check_nonnegative, check_nonnegative_int
-from .window import AccumOptimizer
+from .window import AccumOptimizer, param_tensors
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
@@ -43,8 +43,9 @@ class AccumMuon(AccumOptimizer):
 
     def add_param_group(self, param_group):
         params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for p in params:
+        if not isinstance(params, set):      # (a set: the base class's TypeError)
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in param_tensors(params):
             if isinstance(p, torch.Tensor) and p.ndim != 2:
                 raise ValueError(f"Invalid params: Muon only supports 2D parameters whereas we "
                                  f"found a parameter with size: {p.size()}")
@@ -65,8 +66,9 @@ class AccumMuon(AccumOptimizer):
             raise ValueError(f"Invalid ns_coefficients: {coefficients!r} (must be a tuple of "
                              f"exactly 3 values)")
         if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
-            raise ValueError(f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r} (must be one of "
-                             f"{', '.join(map(repr, ADJUST_LR_FNS))})")
+            raise ValueError(f"Adjust learning rate function {group['adjust_lr_fn']} is not "
+                             f"supported (Invalid adjust_lr_fn: {group['adjust_lr_fn']!r}; must "
+                             f"be one of {', '.join(map(repr, ADJUST_LR_FNS))})")
         if group["max_grad_norm"] is not None and not group["nesterov"]:
             raise ValueError("Invalid max_grad_norm: window clipping needs the window gradient, "
                              "which AccumMuon with nesterov=False never holds (its momentum "

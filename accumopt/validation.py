@@ -16,21 +16,40 @@ def _is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# torch.optim's own words for a bad value, where it has them (so that a message matches what
+# torch users and torch's optimizer tests look for); accumopt's names the argument after them.
+_TORCH_WORDS = {"lr": "Invalid learning rate", "weight_decay": "Invalid weight_decay value",
+                "eps": "Invalid epsilon value", "momentum": "Invalid momentum value",
+                "dampening": "Invalid dampening value"}
+
+
+def _check_one_element(name, value):
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"Tensor {name} must be 1-element (Invalid {name}: a Tensor of shape "
+                         f"{tuple(value.shape)})")
+
+
 def check_nonnegative(name, value):
+    _check_one_element(name, value)
     if not _is_real(value) or not value >= 0:  # `not >=` also catches NaN
-        raise ValueError(f"Invalid {name}: {value!r} (must be a real number >= 0)")
+        words = _TORCH_WORDS.get(name, f"Invalid {name}")
+        raise ValueError(f"{words}: {value} ({name} must be a real number >= 0)")
 
 
-def check_beta(name, value):
+def check_beta(name, value, words=None):
     if not _is_real(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be in [0, 1))")
+        raise ValueError(f"{words or f'Invalid {name}'}: {value} ({name} must be in [0, 1))")
 
 
 def check_betas(betas):
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-    check_beta("beta1 (betas[0])", betas[0])
-    check_beta("beta2 (betas[1])", betas[1])
+    for i, beta in enumerate(betas):
+        _check_one_element(f"betas[{i}]", beta)
+        check_beta(f"beta{i + 1} (betas[{i}])", beta, f"Invalid beta parameter at index {i}")
+    if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+        raise ValueError(f"betas must be either both floats or both Tensors (Invalid betas: "
+                         f"{betas!r})")
 
 
 def check_accum_steps(value):
@@ -96,6 +115,10 @@ def check_torch_flags(group):
     check_optional_bool("fused", group.get("fused"))
     check_bool("capturable", group.get("capturable", False))
     check_bool("differentiable", group.get("differentiable", False))
+    if group.get("fused") and group.get("foreach"):
+        # torch.optim's error (a RuntimeError there too): two implementations asked for at once.
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True runs the "
+                           "Triton kernels, foreach=True the torch path's multi-tensor form)")
     if group.get("fused") and group["backend"] == "torch":
         raise ValueError("Invalid fused: True asks for the Triton kernels, but backend='torch' "
                          "never runs them (use backend='auto' or 'triton', or fused=None)")

@@ -51,7 +51,7 @@ except ImportError:  # torch < 2.5 keeps it private; builds without distributed 
 
 from . import backward_hooks
 from .backend import check_backend, triton_can_run
-from .validation import (RUNTIME_OPTIONS, check_accum_steps, check_nonnegative_int,
+from .validation import (RUNTIME_OPTIONS, as_float, check_accum_steps, check_nonnegative_int,
                          check_window_args)
 
 _INT32_MAX = 2 ** 31 - 1
@@ -83,6 +83,11 @@ class AccumOptimizer(Optimizer):
     _fixed_options = {}
 
     def __init__(self, params, defaults, *, process_group=None):
+        # The hyperparameters first, before params are read, as torch.optim checks them (each
+        # param group is checked again with its own values when it is added).
+        filled = {**defaults, **self._fixed_options}
+        check_window_args(filled)
+        self._check_group(filled)
         self._hook_handles = []           # fold_in_backward hooks, filled by add_param_group
         backward_hooks.release_on_collect(self, self._hook_handles)
         self._group_index = {}            # parameter -> index of its param group
@@ -132,7 +137,10 @@ class AccumOptimizer(Optimizer):
         self._sync_window()
         self._flush_stashes()
         overrides = self._device_state()
-        state = {p: {**entry, **overrides.get(p, {})} for p, entry in self.state.items()}
+        # (An entry that is not a parameter's dict, e.g. a flag a hook keeps in opt.state as
+        # torch's own tests do, is copied as it is.)
+        state = {p: {**entry, **overrides.get(p, {})} if isinstance(entry, dict) else entry
+                 for p, entry in self.state.items()}
         return {"defaults": self.defaults, "state": state, "param_groups": self.param_groups,
                 "accum": self._position(), "accum_hooked": list(self._hooked.values()),
                 "process_group": self.process_group}
@@ -151,7 +159,10 @@ class AccumOptimizer(Optimizer):
         position = state.pop("accum", None)
         hooked = state.pop("accum_hooked", ())
         process_group = state.pop("process_group", None)
+        torch_added = "differentiable" not in state["defaults"]
         super().__setstate__(state)
+        if torch_added:     # torch's __setstate__ adds it; a copy keeps the original's keys
+            self.defaults.pop("differentiable", None)
         state_of = self.state
         self.state = defaultdict(dict)
         self.state.update(state_of)
@@ -267,12 +278,17 @@ class AccumOptimizer(Optimizer):
                                  f"groups' ({self.param_groups[0][key]!r}); it is one choice for "
                                  f"the whole optimizer, whose window spans every group")
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "but the ordering of tensors in sets will change between runs. "
+                            "Please use a list instead (param_group 'params' is a set)")
         # A generator is read once, here: the group keeps the list.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        check_backend(self._backend_of(filled), params)
+        tensors = param_tensors(params)
+        check_backend(self._backend_of(filled), tensors)
         index = len(self.param_groups)
         if filled["fold_in_backward"]:
-            backward_hooks.check_unclaimed(self, params, index)
+            backward_hooks.check_unclaimed(self, tensors, index)
         super().add_param_group({**param_group, "params": params, **self._fixed_options})
         self._group_index.update((p, index) for p in self.param_groups[index]["params"])
         if filled["fold_in_backward"]:
@@ -319,12 +335,22 @@ class AccumOptimizer(Optimizer):
                         grad_scale):
         """Fold ``grads`` (None: update-only) into ``states``, those of ``params``, and move the
         parameters with ``update``: the variant's functional form."""
-        hyper = dict(self._hyper(group), accum_steps=accum_steps,
+        hyper = dict(self._hyper_values(group), accum_steps=accum_steps,
                      accum_reduction=self._reduction(group), grad_scale=grad_scale,
                      foreach=self._use_foreach(group, params))
         # Complex parameters are folded as real views; most groups hold none (one check).
         real = as_real if any(map(torch.is_complex, params)) else _same
         self._variant(group).run(params, grads, states, first, update, hyper, real)
+
+    def _hyper_values(self, group):
+        """``_hyper(group)`` with every one-element Tensor hyperparameter (betas, eps, a
+        weight_decay of any one-element shape, as torch.optim accepts) as a Python number: the
+        math broadcasts none of them into a state tensor's shape."""
+        hyper = self._hyper(group)
+        if any(isinstance(v, torch.Tensor) for v in hyper.values()):
+            hyper = {k: as_float(v) if isinstance(v, torch.Tensor) else v
+                     for k, v in hyper.items()}
+        return hyper
 
     def _window_state(self, group, state):
         """The state tensors that hold a parameter's window: what ranks average."""
@@ -333,7 +359,8 @@ class AccumOptimizer(Optimizer):
     def _triton_launch(self, group, window, grads, accum_steps, grad_scale, found_inf, **launch):
         """The variant's Triton launcher (``launch``: DeviceWindow.launch's ``hook_tensor`` /
         ``flush`` / ``fold_only``)."""
-        self._variant(group).kernel(window, grads, **self._hyper(group), accum_steps=accum_steps,
+        self._variant(group).kernel(window, grads, **self._hyper_values(group),
+                                    accum_steps=accum_steps,
                                     accum_reduction=self._reduction(group),
                                     grad_scale=grad_scale, found_inf=found_inf, **launch)
 
@@ -1302,6 +1329,12 @@ def _shard_like(grad, param):
             (grad.placements != param.placements or grad.device_mesh != param.device_mesh):
         return grad.redistribute(param.device_mesh, param.placements)
     return grad
+
+
+def param_tensors(params):
+    """The tensors of a param group's ``params``, which may be torch's named form, ``(name,
+    tensor)`` pairs (``model.named_parameters()``)."""
+    return [p[1] if isinstance(p, tuple) else p for p in params]
 
 
 def _same(tensor):
