@@ -143,7 +143,7 @@ class AccumOptimizer(Optimizer):
                  for p, entry in self.state.items()}
         return {"defaults": self.defaults, "state": state, "param_groups": self.param_groups,
                 "accum": self._position(), "accum_hooked": list(self._hooked.values()),
-                "process_group": self.process_group}
+                "process_group": self.process_group, "grad_norm": self.grad_norm}
 
     def __deepcopy__(self, memo):
         # A process group is shared by the copy, never copied.

@@ -136,3 +136,24 @@ def test_max_grad_norm_none_turns_clipping_off_and_must_agree_across_groups():
     with pytest.raises(ValueError, match="max_grad_norm"):
         AccumAdamW([{"params": [p]}, {"params": [q], "max_grad_norm": 1.0}],
                    second_moment="square_of_mean")
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_keeps_the_last_windows_grad_norm(how):
+    """grad_norm is the last window's norm, as clip_grad_norm_ returned it: a copy made after
+    the window has it too."""
+    import copy
+    import pickle
+    init, rows = problem(5, 1)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = AccumAdam(params, second_moment="square_of_mean", accum_steps=K, max_grad_norm=0.5,
+                    backend="torch")
+    for row in rows:
+        for p, g in zip(params, row):
+            p.grad = g
+        opt.step()
+    means = [sum(r[i] for r in rows if r[i] is not None) / K for i in range(len(SHAPES))]
+    want = torch.stack([m.norm() for m in means]).norm()
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    torch.testing.assert_close(clone.grad_norm, want)
+    torch.testing.assert_close(opt.grad_norm, want)
