@@ -343,13 +343,21 @@ class AccumOptimizer(Optimizer):
         self._variant(group).run(params, grads, states, first, update, hyper, real)
 
     def _hyper_values(self, group):
-        """``_hyper(group)`` with every one-element Tensor hyperparameter (betas, eps, a
-        weight_decay of any one-element shape, as torch.optim accepts) as a Python number: the
-        math broadcasts none of them into a state tensor's shape."""
+        """``_hyper(group)`` as this micro-step first read it (in fold_in_backward mode its first
+        hook: a change between backward and step() takes effect in the next micro-step, on
+        every tensor alike, whether its hook moved it or step() does), with every one-element
+        Tensor hyperparameter (betas, eps, a weight_decay of any one-element shape, as
+        torch.optim accepts) as a Python number: the math broadcasts none of them into a state
+        tensor's shape."""
+        key = ("hyper", id(group))
+        read = self._micro_step_cache.get(key)
+        if read is not None and read[0] is group:    # (a group loaded since has another id)
+            return read[1]
         hyper = self._hyper(group)
         if any(isinstance(v, torch.Tensor) for v in hyper.values()):
             hyper = {k: as_float(v) if isinstance(v, torch.Tensor) else v
                      for k, v in hyper.items()}
+        self._micro_step_cache[key] = (group, hyper)
         return hyper
 
     def _window_state(self, group, state):
@@ -403,6 +411,8 @@ class AccumOptimizer(Optimizer):
         self._check_lr_in_window()
         grads, addresses = zip(*[self._group_grads(i, group)
                                  for i, group in enumerate(self.param_groups)]) or ((), ())
+        if self._hooked:
+            self._refuse_hooked_gradients(grads)
         on_triton = [self._runs_triton(i, group) for i, group in enumerate(self.param_groups)]
         if any(on_triton):
             self._check_triton_accum_steps()
@@ -461,6 +471,21 @@ class AccumOptimizer(Optimizer):
         self._updated = last
         self._end_micro_step()
         return loss
+
+    def _refuse_hooked_gradients(self, grads):
+        """A .grad on a parameter whose hook has folded its gradient in this micro-step is a
+        second gradient for it (see _SECOND_GRADIENT): refused before anything changes."""
+        for group, group_grads in zip(self.param_groups, grads):
+            if _all_none(group_grads):
+                continue
+            for p, g in zip(group["params"], group_grads):
+                if g is not None and id(p) in self._hooked:
+                    raise RuntimeError(
+                        f"step(): a parameter of shape {tuple(p.shape)} holds a .grad, but its "
+                        f"fold_in_backward hook has folded its gradient in this micro-step "
+                        f"already: fold_in_backward=True folds one gradient per parameter per "
+                        f"micro-step. Nothing was changed; opt.zero_grad() drops the .grad, "
+                        f"and step() then completes the micro-step")
 
     def _end_micro_step(self):
         self._hooked.clear()
@@ -591,10 +616,14 @@ class AccumOptimizer(Optimizer):
         if self._distributed_check:
             raise RuntimeError(self._distributed_check)
         if group["step_per_window"]:
-            self._enter_backward(param)
+            try:
+                self._enter_backward(param)
+            except RuntimeError:
+                param.grad = None     # a backward beyond accum_steps: its first gradient, unfolded
+                raise
         if id(param) in self._hooked:
-            raise RuntimeError("fold_in_backward=True folds one gradient per parameter per "
-                               "micro-step: call step() after each backward")
+            param.grad = None         # unfolded: step() completes the micro-step without it
+            raise RuntimeError(_SECOND_GRADIENT)
         self._sync_window()
         accum_steps = self._accum_steps_now()
         last = self._micro_step + 1 == accum_steps
@@ -1210,6 +1239,16 @@ class AccumOptimizer(Optimizer):
                     item.shape != param.shape:
                 raise ValueError(f"{name} has shape {tuple(item.shape)}, its parameter "
                                  f"{tuple(param.shape)}")
+
+
+_SECOND_GRADIENT = (
+    "fold_in_backward=True folds one gradient per parameter per micro-step, and this parameter's "
+    "was folded already in this one (a second backward() before step()?). Its new gradient was "
+    "dropped, unfolded (.grad is None); the gradients that backward gave before it to "
+    "parameters the first backward did not reach were folded, as the parts of one micro-batch "
+    "split over several backward calls are, and step() completes the micro-step with them. "
+    "Call step() after each backward (or, for k backward passes per step(), use "
+    "step_per_window=True)")
 
 
 def _all_none(values):

@@ -203,3 +203,39 @@ def test_a_group_of_two_dtypes_folds_the_same_in_hook_and_step_mode(monkeypatch)
 
     for i, (a, b) in enumerate(zip(train(True), train(False))):
         assert torch.equal(a, b), f"param {i} ({a.dtype}): hook mode differs from step mode"
+
+
+@pytest.mark.filterwarnings("ignore:the lr of param group")
+@pytest.mark.parametrize("cls,kwargs", VARIANTS, ids=IDS)
+def test_hyperparameters_changed_between_backward_and_step_apply_from_the_next_micro_step(
+        monkeypatch, cls, kwargs):
+    """On a window's last micro-step the hooks move the large tensors inside backward and
+    step() the stashed small ones: an lr (or betas, momentum) changed in between must move
+    them all alike. The micro-step keeps what its first hook read, as the torch backend's hooks
+    do; the reference is step mode with the change made after step()."""
+    monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 100)
+
+    def train(backend, hook):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in SHAPES]
+        opt = cls(params, lr=1e-2, accum_steps=2, backend=backend, fold_in_backward=hook,
+                  **kwargs)
+        for t in range(6):
+            grads = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES]
+            sum((p * g).sum() for p, g in zip(params, grads)).backward()
+            change = t % 2 == 1            # the window's last micro-step
+            if change and hook:
+                opt.param_groups[0]["lr"] *= 0.5
+            opt.step()    # (in hook mode it warns: the lr changed inside the window)
+            if change and not hook:
+                opt.param_groups[0]["lr"] *= 0.5
+            opt.zero_grad()
+        return params
+
+    hooked, reference = train("triton", True), train("torch", False)
+    torch_hooked = train("torch", True)
+    for i, (a, b, c) in enumerate(zip(hooked, reference, torch_hooked)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"param {i} {tuple(a.shape)}: {m}")
+        torch.testing.assert_close(c, b, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m: f"torch backend, param {i}: {m}")
