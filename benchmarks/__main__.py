@@ -29,7 +29,7 @@ COLUMNS = {
               "backward_ms", "loss_after_4_windows", "loss_after_2_windows"],
     "convergence": ["final_train_loss", "final_val_loss"],
     "host": ["fold_us", "update_us", "hooks_and_step_us", "first_hook_us", "large_hook_us",
-             "small_hook_us", "hook_step_us", "zero_grad_us", "step_us", "python_us",
+             "small_hook_us", "bare_hook_us", "hook_step_us", "zero_grad_us", "step_us", "python_us",
              "of_adamw_python", "of_step_mode", "loop_of_step_mode", "tables_ms"],
     "sharded": ["carried_MiB", "peak_over_start_MiB", "params_state_MiB", "boundary_extra_MiB",
                 "comm_MiB"],

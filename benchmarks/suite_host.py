@@ -17,6 +17,8 @@ host figure.
   alike).
 - `step_us` (torch.optim.AdamW foreach): its whole step, once per window; `python_us`: the same
   step with torch's foreach ops made no-ops, i.e. its own Python.
+- `bare_hook_us`: per parameter, a hook of the same shape (a functools.partial through a weak
+  reference to a method) that only frees `.grad`: the floor under any per-parameter hook.
 - `zero_grad_us`: the loop's zero_grad() after each step(): in step mode it frees the
   gradients (the hooks have freed them in fold_in_backward mode).
 - `of_adamw_python`: accumopt's time per micro-step as a fraction of AdamW's own Python per
@@ -30,12 +32,14 @@ host figure.
   the step() after the hooks; `large_tensors` / `small_tensors` count them.
 - `tables_ms`: building one bucket's DeviceWindow for a 7B-parameter model (goal: 50 ms)."""
 import contextlib
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+import weakref
 
 import torch
 
@@ -177,7 +181,16 @@ def measure(device):
     # The loop's zero_grad() in fold_in_backward mode: the hooks have freed every gradient.
     out["hook_zero_grad_us"] = _median_us(hooked.zero_grad, reps=REPS // 4)
     hooked.remove_hooks()
-    out["autograd_us"] = _side_by_side([(loop_alone, grads_freed)], reps=REPS // 4)[0]
+    bare = functools.partial(_bare_hook, weakref.ref(_Freeing()))
+
+    def bare_hooks():         # (the same loop as loop_alone's, with the bare hook called)
+        with torch.no_grad():
+            for p, g, (hook,) in zip(params, grads, hooks):
+                p.grad = g
+                bare(p)
+    out["autograd_us"], bare_us = _side_by_side([(loop_alone, grads_freed),
+                                                 (bare_hooks, grads_freed)], reps=REPS // 4)
+    out["bare_hook_us"] = (bare_us - out["autograd_us"]) / len(params)
     out["hooks_and_step_us"] = total - out["autograd_us"]
     hooked = params = grads = None   # free them before the 7B tables
 
@@ -188,6 +201,19 @@ def measure(device):
     out["tables_ms"] = _median_us(build, reps=TABLE_REPS, sync=sync) / 1e3
     out["tables_params"] = float(sum(p.numel() for p in big))
     return out
+
+
+class _Freeing:
+    def free(self, param):
+        param.grad = None
+
+
+def _bare_hook(owner_ref, param):
+    """A hook of fold_in_backward's shape that does nothing but free the gradient: a
+    functools.partial, a weak reference to its owner, a method call."""
+    owner = owner_ref()
+    if owner is not None:
+        owner.free(param)
 
 
 def _hooks_apart(optimizer, params, grads, hooks, sync):
@@ -253,7 +279,7 @@ def run(device, quick, results, progress):
     for metric in ("fold_us", "update_us", "zero_grad_us"):
         results.add(SUITE, case, "AccumAdamW triton step mode", metric, row[metric], "us")
     for metric in ("hooks_and_step_us", "first_hook_us", "large_hook_us", "small_hook_us",
-                   "hook_step_us", "autograd_us"):
+                   "bare_hook_us", "hook_step_us", "autograd_us"):
         results.add(SUITE, case, "AccumAdamW triton fold_in_backward", metric, row[metric],
                     "us")
     for metric in ("large_tensors", "small_tensors"):
