@@ -83,11 +83,16 @@ class AccumOptimizer(Optimizer):
     _fixed_options = {}
 
     def __init__(self, params, defaults, *, process_group=None):
-        # The hyperparameters first, before params are read, as torch.optim checks them (each
-        # param group is checked again with its own values when it is added).
-        filled = {**defaults, **self._fixed_options}
-        check_window_args(filled)
-        self._check_group(filled)
+        if params is not None and not isinstance(params, torch.Tensor):
+            params = list(params)     # (as torch.optim reads it; a generator is read once)
+        if params is None or isinstance(params, torch.Tensor) or not any(
+                isinstance(g, dict) for g in params):
+            # One group of the defaults: checked before params is, as torch.optim checks them.
+            # (Param group dicts may override what the defaults alone would get wrong: each is
+            # checked with its own values when it is added.)
+            filled = {**defaults, **self._fixed_options}
+            check_window_args(filled)
+            self._check_group(filled)
         self._hook_handles = []           # fold_in_backward hooks, filled by add_param_group
         backward_hooks.release_on_collect(self, self._hook_handles)
         self._group_index = {}            # parameter -> index of its param group
@@ -117,6 +122,9 @@ class AccumOptimizer(Optimizer):
         self._hooked = {}                 # id -> parameter hooks folded in this micro-step
         self._hook_routes = {}   # id(param) -> (its DeviceWindow's take_hooked, its index there)
         self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
+        # id(group) -> (group, its hyperparameters as this micro-step first read them): part
+        # of the window position (a copy or checkpoint between backward and step() keeps them)
+        self._hyper_read = {}
         self._plans = {}                  # group index -> _TritonPlan (Triton path)
         # step_per_window: the autograd graph tasks of this micro-step's backward (id -> ended)
         self._backward_tasks = {}
@@ -213,9 +221,18 @@ class AccumOptimizer(Optimizer):
     def _position(self):
         # step_per_window: a backward that has ended but is not counted yet (the next one's
         # first hook, or step(), counts it) is saved as such.
-        return {"micro_step": self._micro_step, "window_accum_steps": self._window_accum_steps,
-                "num_updates": self._num_updates, "updated": self._updated,
-                "backward_ended": self._backward_ended}
+        position = {"micro_step": self._micro_step,
+                    "window_accum_steps": self._window_accum_steps,
+                    "num_updates": self._num_updates, "updated": self._updated,
+                    "backward_ended": self._backward_ended}
+        # Between backward and step() in fold_in_backward mode: the hyperparameters the hooks
+        # read, which the rest of the micro-step keeps (see _hyper_values).
+        reads = [self._hyper_read.get(id(group), (None, None)) for group in self.param_groups]
+        reads = [dict(values) if read is group else None
+                 for group, (read, values) in zip(self.param_groups, reads)]
+        if any(values is not None for values in reads):
+            position["hyper_read"] = reads
+        return position
 
     def _set_position(self, position):
         self._micro_step = position["micro_step"]
@@ -225,6 +242,9 @@ class AccumOptimizer(Optimizer):
         self._backward_ended = position.get("backward_ended", False)
         self._window_open = self._micro_step > 0 or self._backward_ended
         self._window_known = True
+        for group, values in zip(self.param_groups, position.get("hyper_read") or ()):
+            if values is not None:
+                self._hyper_read[id(group)] = (group, dict(values))
 
     def _sync_window(self):
         """Read the window position back from the device after steps whose GradScaler drop
@@ -349,15 +369,14 @@ class AccumOptimizer(Optimizer):
         Tensor hyperparameter (betas, eps, a weight_decay of any one-element shape, as
         torch.optim accepts) as a Python number: the math broadcasts none of them into a state
         tensor's shape."""
-        key = ("hyper", id(group))
-        read = self._micro_step_cache.get(key)
+        read = self._hyper_read.get(id(group))
         if read is not None and read[0] is group:    # (a group loaded since has another id)
             return read[1]
         hyper = self._hyper(group)
         if any(isinstance(v, torch.Tensor) for v in hyper.values()):
             hyper = {k: as_float(v) if isinstance(v, torch.Tensor) else v
                      for k, v in hyper.items()}
-        self._micro_step_cache[key] = (group, hyper)
+        self._hyper_read[id(group)] = (group, hyper)
         return hyper
 
     def _window_state(self, group, state):
@@ -490,6 +509,7 @@ class AccumOptimizer(Optimizer):
     def _end_micro_step(self):
         self._hooked.clear()
         self._micro_step_cache.clear()
+        self._hyper_read.clear()
         self._backward_tasks = {}
         self._backward_ended = False
         for window in self._device_windows.values():
@@ -952,6 +972,7 @@ class AccumOptimizer(Optimizer):
         """A hook's fold on the Triton path, the first one of its tensor in a micro-step: find
         its bucket's window (checked once per micro-step), keep the route for later
         micro-steps, fold."""
+        self._hyper_values(group)  # read now: a stashed gradient's move in step() keeps them
         window = self._device_window(index, group, param.device, param.dtype)
         t = window.index[param]
         if not (group["step_per_window"] or window.dtensor):
@@ -1192,6 +1213,16 @@ class AccumOptimizer(Optimizer):
             except ValueError as error:
                 raise ValueError(f"{error} in param group {index} of the state_dict") from None
             groups.append(new)
+        reads = position["hyper_read"]
+        if reads is not None:
+            if len(reads) != len(groups):
+                raise ValueError(f"Invalid hyper_read (state_dict 'accum'): {len(reads)} "
+                                 f"entries for {len(groups)} param groups")
+            for index, (group, values) in enumerate(zip(groups, reads)):
+                if values is not None and set(values) != set(self._hyper(group)):
+                    raise ValueError(f"Invalid hyper_read (state_dict 'accum'): param group "
+                                     f"{index} has {sorted(values)}, not this optimizer's "
+                                     f"{sorted(self._hyper(group))}")
         if position["micro_step"] or position["window_accum_steps"] is not None:
             values = {g["accum_steps"] for g in groups}
             if len(values) != 1:
@@ -1312,7 +1343,7 @@ def _check_position(position):
     """The ``"accum"`` entry of a state_dict (absent in torch.optim's: a window boundary)."""
     if position is None:
         return {"micro_step": 0, "window_accum_steps": None, "num_updates": 0, "updated": False,
-                "backward_ended": False}
+                "backward_ended": False, "hyper_read": None}
     if not isinstance(position, dict):
         raise ValueError(f"Invalid state_dict: 'accum' is {type(position).__name__} (must be a "
                          f"dict)")
@@ -1336,8 +1367,24 @@ def _check_position(position):
                              f"True or False)")
     if flags["backward_ended"] and window_k is None:
         raise ValueError("Invalid state_dict: backward_ended is True outside a window")
+    reads = position.get("hyper_read")
+    if reads is not None:
+        if not isinstance(reads, (list, tuple)) or not all(
+                values is None or (isinstance(values, dict) and all(map(_is_hyper_value,
+                                                                        values.values())))
+                for values in reads):
+            raise ValueError(f"Invalid hyper_read (state_dict 'accum'): {reads!r} (must be a "
+                             f"list of one dict of hyperparameter values, or None, per param "
+                             f"group)")
+        reads = [None if values is None else dict(values) for values in reads]
     return {"micro_step": micro_step, "window_accum_steps": window_k,
-            "num_updates": position["num_updates"], **flags}
+            "num_updates": position["num_updates"], **flags, "hyper_read": reads}
+
+
+def _is_hyper_value(value):
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, numbers.Real) for v in value)
+    return value is None or isinstance(value, (numbers.Real, str))
 
 
 def _tables():

@@ -181,7 +181,8 @@ def measure(device):
     # The loop's zero_grad() in fold_in_backward mode: the hooks have freed every gradient.
     out["hook_zero_grad_us"] = _median_us(hooked.zero_grad, reps=REPS // 4)
     hooked.remove_hooks()
-    bare = functools.partial(_bare_hook, weakref.ref(_Freeing()))
+    owner = _Freeing()     # (kept alive: the hook holds it weakly, as fold_in_backward's do)
+    bare = functools.partial(_bare_hook, weakref.ref(owner))
 
     def bare_hooks():         # (the same loop as loop_alone's, with the bare hook called)
         with torch.no_grad():

@@ -228,3 +228,63 @@ def test_triton_checkpoint_after_only_dropped_micro_batches_loads():
             o.step()
         assert o.updated
     assert torch.equal(p, q)
+
+
+@pytest.mark.filterwarnings("ignore:the lr of param group")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
+@pytest.mark.parametrize("large", [False, True], ids=["all-stashed", "hook-launches"])
+def test_an_lr_changed_between_backward_and_step_survives_a_checkpoint_there(
+        monkeypatch, backend, how, large):
+    """fold_in_backward: a micro-step keeps the hyperparameters its first hook read (the hooks
+    of a window's last micro-step move parameters inside backward). An lr changed between
+    backward and step(), then a checkpoint or copy, then step(): the run never interrupted's
+    parameters, and step mode's with the change made after step() (the independent
+    reference), on both backends."""
+    monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 30 if large else 1 << 30)
+    device = DEVICE if backend == "triton" else "cpu"
+
+    def train(hook, cut):
+        gen = torch.Generator().manual_seed(9)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in SHAPES]
+        opt = AccumAdamW(params, lr=0.1, accum_steps=2, fold_in_backward=hook, backend=backend)
+        for t in range(4):
+            grads = [torch.randn(s, generator=gen).to(device) for s in SHAPES]
+            # The 1-D parameters get a gradient on a window's first micro-step only: step()
+            # moves them on its last (the others move in their hooks, or step() from the stash).
+            sum((p * g).sum() for p, g in zip(params, grads)
+                if t % 2 == 0 or p.dim() > 1).backward()
+            if hook and t % 2:
+                opt.param_groups[0]["lr"] *= 0.5
+            if cut and t == 3:
+                opt, params = _resumed(opt, params, how, backend)
+            opt.step()
+            if not hook and t % 2:
+                opt.param_groups[0]["lr"] *= 0.5
+            opt.zero_grad()
+        opt.remove_hooks()
+        return [p.detach() for p in params]
+
+    whole, resumed, stepped = train(True, False), train(True, True), train(False, False)
+    for i, (a, b, c) in enumerate(zip(whole, resumed, stepped)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"param {i} resumed: {m}")
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"param {i} vs step mode: {m}")
+
+
+def _resumed(opt, params, how, backend):
+    """The optimizer (and parameters) as a resumed process would have them."""
+    if how == "state_dict":
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=True)
+        fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt.remove_hooks()
+        new = AccumAdamW(fresh, lr=0.1, accum_steps=2, fold_in_backward=True, backend=backend)
+        new.load_state_dict(saved)
+        return new, fresh
+    opt.remove_hooks()   # (one live fold_in_backward optimizer per parameter: the copy's)
+    clone = copy.deepcopy((opt, params)) if how == "deepcopy" else \
+        pickle.loads(pickle.dumps((opt, params)))
+    return clone

@@ -91,6 +91,11 @@ BAD = [
     ("step fractional", state_change("step", 1.5), "step"),
     ("window_folds 1.0", state_change("window_folds", 1.0), "window_folds"),
     ("window_folds too many", state_change("window_folds", 9), "window_folds"),
+    ("hyper_read a dict", accum_change("hyper_read", {"lr": 0.1}), "hyper_read"),
+    ("hyper_read too long", accum_change("hyper_read", [None, None]), "hyper_read"),
+    ("hyper_read other keys", accum_change("hyper_read", [{"lr": 0.1}]), "hyper_read"),
+    ("hyper_read a tensor", accum_change("hyper_read", [{"lr": torch.tensor(0.1)}]),
+     "hyper_read"),
 ]
 
 

@@ -200,6 +200,16 @@ def test_fused_and_foreach_together_is_torchs_error():
         AccumAdam([torch.nn.Parameter(torch.randn(3))], fused=True, foreach=True)
 
 
+def _torch_takes_named_parameters():
+    try:
+        torch.optim.SGD([("w", torch.nn.Parameter(torch.zeros(1)))])
+    except (TypeError, ValueError):
+        return False       # (torch < 2.6)
+    return True
+
+
+@pytest.mark.skipif(not _torch_takes_named_parameters(),
+                    reason="this torch.optim takes no named parameters")
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if TRITON_RUNS else []))
 @pytest.mark.parametrize("hook", [False, True], ids=["step-mode", "fold_in_backward"])
 def test_named_parameters_as_torch_optim_takes_them(backend, hook):
@@ -223,6 +233,23 @@ def test_named_parameters_as_torch_optim_takes_them(backend, hook):
     opt.remove_hooks()
 
 
+@pytest.mark.skipif(not _torch_takes_named_parameters(),
+                    reason="this torch.optim takes no named parameters")
 def test_muon_checks_named_parameters_too():
     with pytest.raises(ValueError, match="2D"):
         AccumMuon([("bias", torch.nn.Parameter(torch.randn(3)))])
+
+
+@pytest.mark.parametrize("cls,group,kwargs", [
+    (AccumAdam, {"second_moment": "square_of_mean"}, dict(max_grad_norm=1.0)),
+    (AccumSGDM, {"momentum": 0.0}, dict(max_grad_norm=1.0)),
+    (AccumSGDM, {"momentum": 0.9, "dampening": 0.0}, dict(nesterov=True, momentum=0.0)),
+])
+def test_a_param_group_may_override_what_the_defaults_alone_would_refuse(cls, group, kwargs):
+    """The defaults are checked before params only where they are the one group's values; a
+    param group dict that overrides them is checked with its own (as before this check)."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = cls([{"params": [p], **group}], backend="torch", **kwargs)
+    assert all(opt.param_groups[0][k] == v for k, v in group.items())
+    with pytest.raises(ValueError):
+        cls([p], backend="torch", **kwargs)
