@@ -4,7 +4,7 @@ import torch
 from .family import Variant, kernel
 from .functional.muon import muon_momentum_micro_step, muon_nesterov_micro_step
 from .validation import as_float, check_bool, check_nonnegative, check_nonnegative_int
-from .window import AccumOptimizer, param_tensors
+from .window import AccumOptimizer
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
@@ -41,17 +41,13 @@ class AccumMuon(AccumOptimizer):
                         backend=backend)
         super().__init__(params, defaults, process_group=process_group)
 
-    def add_param_group(self, param_group):
-        params = param_group["params"]
-        if not isinstance(params, set):      # (a set: the base class's TypeError)
-            params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for p in param_tensors(params):
+    def _check_params(self, params):
+        for p in params:
             if isinstance(p, torch.Tensor) and p.ndim != 2:
                 raise ValueError(f"Invalid params: Muon only supports 2D parameters whereas we "
                                  f"found a parameter with size: {p.size()}")
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise ValueError("Invalid params: Muon does not support complex parameters")
-        super().add_param_group({**param_group, "params": params})
 
     def _check_group(self, group):
         check_nonnegative("momentum", group["momentum"])

@@ -305,6 +305,7 @@ class AccumOptimizer(Optimizer):
         # A generator is read once, here: the group keeps the list.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         tensors = param_tensors(params)
+        self._check_params(tensors)
         check_backend(self._backend_of(filled), tensors)
         index = len(self.param_groups)
         if filled["fold_in_backward"]:
@@ -336,6 +337,9 @@ class AccumOptimizer(Optimizer):
 
     def _check_group(self, group):
         raise NotImplementedError
+
+    def _check_params(self, params):
+        """A family's own check of a param group's tensors (ValueError), before it is added."""
 
     def _variant(self, group):
         raise NotImplementedError

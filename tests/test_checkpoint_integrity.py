@@ -232,16 +232,19 @@ def test_triton_checkpoint_after_only_dropped_micro_batches_loads():
 
 @pytest.mark.filterwarnings("ignore:the lr of param group")
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle", "other-backend"])
 @pytest.mark.parametrize("large", [False, True], ids=["all-stashed", "hook-launches"])
 def test_an_lr_changed_between_backward_and_step_survives_a_checkpoint_there(
         monkeypatch, backend, how, large):
     """fold_in_backward: a micro-step keeps the hyperparameters its first hook read (the hooks
     of a window's last micro-step move parameters inside backward). An lr changed between
     backward and step(), then a checkpoint or copy, then step(): the run never interrupted's
-    parameters, and step mode's with the change made after step() (the independent
-    reference), on both backends."""
+    parameters (within float tolerance when loaded on the other backend), and step mode's with
+    the change made after step() (the independent reference), on both backends."""
     monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 30 if large else 1 << 30)
+    other = "torch" if backend == "triton" else "triton"
+    if how == "other-backend" and not TRITON_RUNS:
+        pytest.skip("Triton cannot run here")
     device = DEVICE if backend == "triton" else "cpu"
 
     def train(hook, cut):
@@ -257,7 +260,11 @@ def test_an_lr_changed_between_backward_and_step_survives_a_checkpoint_there(
             if hook and t % 2:
                 opt.param_groups[0]["lr"] *= 0.5
             if cut and t == 3:
-                opt, params = _resumed(opt, params, how, backend)
+                old = opt
+                params, opt = (resume("state_dict", AccumAdamW, {}, other, True, params, opt)
+                               if how == "other-backend" else
+                               resume(how, AccumAdamW, {}, backend, True, params, opt))
+                old.remove_hooks()
             opt.step()
             if not hook and t % 2:
                 opt.param_groups[0]["lr"] *= 0.5
@@ -267,24 +274,9 @@ def test_an_lr_changed_between_backward_and_step_survives_a_checkpoint_there(
 
     whole, resumed, stepped = train(True, False), train(True, True), train(False, False)
     for i, (a, b, c) in enumerate(zip(whole, resumed, stepped)):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"param {i} resumed: {m}")
+        exact = how != "other-backend"         # (the backends agree within float tolerance)
+        torch.testing.assert_close(b, a, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6,
+                                   msg=lambda m: f"param {i} resumed: {m}")
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"param {i} vs step mode: {m}")
 
-
-def _resumed(opt, params, how, backend):
-    """The optimizer (and parameters) as a resumed process would have them."""
-    if how == "state_dict":
-        buffer = io.BytesIO()
-        torch.save(opt.state_dict(), buffer)
-        buffer.seek(0)
-        saved = torch.load(buffer, weights_only=True)
-        fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        opt.remove_hooks()
-        new = AccumAdamW(fresh, lr=0.1, accum_steps=2, fold_in_backward=True, backend=backend)
-        new.load_state_dict(saved)
-        return new, fresh
-    opt.remove_hooks()   # (one live fold_in_backward optimizer per parameter: the copy's)
-    clone = copy.deepcopy((opt, params)) if how == "deepcopy" else \
-        pickle.loads(pickle.dumps((opt, params)))
-    return clone
