@@ -16,8 +16,26 @@ from torch.utils.weak import WeakIdKeyDictionary
 _owners = WeakIdKeyDictionary()
 
 
-def _fold_hook(optimizer_ref, param):
-    optimizer = optimizer_ref()
+class HookRoute:
+    """What one parameter's hook holds: its optimizer, weakly, and the short way the optimizer
+    sets once it has found the parameter's Triton bucket in a micro-step: ``take(t, param)``
+    (that bucket's DeviceWindow.take_hooked, tensor ``t`` there) and ``hooked``, the
+    optimizer's record of the parameters hooked in this micro-step. ``take`` is None until then
+    and after the optimizer drops its windows (a load)."""
+    __slots__ = ("optimizer_ref", "take", "t", "hooked")
+
+    def __init__(self, optimizer_ref):
+        self.optimizer_ref = optimizer_ref
+        self.take, self.t, self.hooked = None, -1, None
+
+
+def _fold_hook(route, param):
+    # Once per parameter per backward: the short way first, with no call through the optimizer.
+    take = route.take
+    if take is not None and take(route.t, param):
+        route.hooked[id(param)] = param
+        return
+    optimizer = route.optimizer_ref()
     if optimizer is not None:
         optimizer._fold_in_backward(param)
 
@@ -47,16 +65,18 @@ def check_unclaimed(optimizer, params, group_index):
             f"before building the new one")
 
 
-def register_fold_hooks(optimizer, params):
+def register_fold_hooks(optimizer, params, routes):
     """Claim ``params`` for ``optimizer`` and register the hook on each that requires grad;
-    return the handles. Call :func:`check_unclaimed` first."""
+    return the handles. Each hook's HookRoute goes into ``routes`` (id(param) -> route). Call
+    :func:`check_unclaimed` first."""
     ref = weakref.ref(optimizer)
-    hook = functools.partial(_fold_hook, ref)
     handles = []
     for p in params:
         if p.requires_grad:
             _owners[p] = ref
-            handles.append(p.register_post_accumulate_grad_hook(hook))
+            route = routes[id(p)] = HookRoute(ref)
+            handles.append(p.register_post_accumulate_grad_hook(
+                functools.partial(_fold_hook, route)))
     return handles
 
 

@@ -95,6 +95,7 @@ class AccumOptimizer(Optimizer):
             self._check_group(filled)
         self._hook_handles = []           # fold_in_backward hooks, filled by add_param_group
         backward_hooks.release_on_collect(self, self._hook_handles)
+        self._hook_routes = {}            # id(param) -> its hook's backward_hooks.HookRoute
         self._group_index = {}            # parameter -> index of its param group
         self._averager = None             # averages windows across ranks (process_group)
         if process_group is not None:
@@ -119,8 +120,11 @@ class AccumOptimizer(Optimizer):
         self._updated = False             # whether the last step() moved the parameters
         self._window_known = True         # False after a step only the device knew the drop of
         self._device_windows = {}         # (group index, device, dtype) -> DeviceWindow
-        self._hooked = {}                 # id -> parameter hooks folded in this micro-step
-        self._hook_routes = {}   # id(param) -> (its DeviceWindow's take_hooked, its index there)
+        # id -> parameter hooks folded in this micro-step (one dict for the optimizer's life:
+        # the hooks' routes hold it)
+        self.__dict__.setdefault("_hooked", {}).clear()
+        for route in self.__dict__.get("_hook_routes", {}).values():
+            route.take = None             # the windows are dropped: no short way to them
         self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
         # id(group) -> (group, its hyperparameters as this micro-step first read them): part
         # of the window position (a copy or checkpoint between backward and step() keeps them)
@@ -181,15 +185,17 @@ class AccumOptimizer(Optimizer):
         self._init_transient()
         if position is not None:
             self._set_position(position)
-        self._hooked = {id(p): p for p in hooked}
+        self._hooked.update((id(p), p) for p in hooked)
         self._group_index = {p: i for i, group in enumerate(self.param_groups)
                              for p in group["params"]}
         self._hook_handles = []
         backward_hooks.release_on_collect(self, self._hook_handles)
+        self._hook_routes = {}
         for index, group in enumerate(self.param_groups):
             if group["fold_in_backward"]:
                 backward_hooks.check_unclaimed(self, group["params"], index)
-                self._hook_handles += backward_hooks.register_fold_hooks(self, group["params"])
+                self._hook_handles += backward_hooks.register_fold_hooks(
+                    self, group["params"], self._hook_routes)
         self.process_group = process_group
         self._averager = None
         if process_group is not None:
@@ -314,7 +320,7 @@ class AccumOptimizer(Optimizer):
         self._group_index.update((p, index) for p in self.param_groups[index]["params"])
         if filled["fold_in_backward"]:
             self._hook_handles += backward_hooks.register_fold_hooks(
-                self, self.param_groups[index]["params"])
+                self, self.param_groups[index]["params"], self._hook_routes)
         if self._averager is not None:
             self._averager.set_params(self._all_params())
 
@@ -332,6 +338,7 @@ class AccumOptimizer(Optimizer):
         optimizer's hooks are removed when it is collected."""
         backward_hooks.release(self, self._all_params() if hasattr(self, "param_groups") else [],
                                self._hook_handles)
+        self.__dict__.get("_hook_routes", {}).clear()
 
     # ----- subclass interface -------------------------------------------------------------------
 
@@ -618,16 +625,7 @@ class AccumOptimizer(Optimizer):
     def _fold_in_backward(self, param):
         """The fold_in_backward hook: fold ``param``'s finished gradient (moving the parameter
         if this is the window's last micro-step) and free it. Called once per parameter per
-        backward, so the common path does no more than it must: a tensor of a Triton bucket
-        this micro-step already checked goes straight to its launch or the stash."""
-        route = self._hook_routes.get(id(param))
-        # A tensor whose bucket a hook of this micro-step has already checked (the route is kept
-        # from an earlier micro-step; the window's ``hooks_checked`` is set by that hook and
-        # cleared when the micro-step ends or the window is retired): the window's short way,
-        # DeviceWindow.take_hooked. Where it declines, the full path below.
-        if route is not None and route[0](route[1], param):
-            self._hooked[id(param)] = param
-            return
+        backward (the hook tries the short way first: see backward_hooks._fold_hook)."""
         grad = param.grad
         index = self._group_index.get(param)
         if grad is None or index is None or not self.param_groups[index]["fold_in_backward"]:
@@ -983,7 +981,9 @@ class AccumOptimizer(Optimizer):
             # This micro-step's later hooks of the bucket, and later micro-steps, fold this
             # tensor from the hook's first lines (step_per_window must see every hook: it counts
             # the backward passes; a DTensor's gradient may need resharding first).
-            self._hook_routes[id(param)] = (window.take_hooked, t)
+            route = self._hook_routes.get(id(param))
+            if route is not None:
+                route.take, route.t, route.hooked = window.take_hooked, t, self._hooked
             window.hooks_checked = True
             window.hook_mark = FOLDED if fold_only else HOOKED
         self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
