@@ -18,22 +18,21 @@ _owners = WeakIdKeyDictionary()
 
 class HookRoute:
     """What one parameter's hook holds: its optimizer, weakly, and the short way the optimizer
-    sets once it has found the parameter's Triton bucket in a micro-step: ``take(t, param)``
-    (that bucket's DeviceWindow.take_hooked, tensor ``t`` there) and ``hooked``, the
-    optimizer's record of the parameters hooked in this micro-step. ``take`` is None until then
-    and after the optimizer drops its windows (a load)."""
-    __slots__ = ("optimizer_ref", "take", "t", "hooked")
+    sets once it has found the parameter's Triton bucket in a micro-step: ``take(t, param)``,
+    that bucket's DeviceWindow.take_hooked for tensor ``t`` there (which marks the tensor taken
+    in the bucket's row). ``take`` is None until then and after the optimizer drops its windows
+    (a load)."""
+    __slots__ = ("optimizer_ref", "take", "t")
 
     def __init__(self, optimizer_ref):
         self.optimizer_ref = optimizer_ref
-        self.take, self.t, self.hooked = None, -1, None
+        self.take, self.t = None, -1
 
 
 def _fold_hook(route, param):
     # Once per parameter per backward: the short way first, with no call through the optimizer.
     take = route.take
     if take is not None and take(route.t, param):
-        route.hooked[id(param)] = param
         return
     optimizer = route.optimizer_ref()
     if optimizer is not None:

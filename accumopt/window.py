@@ -120,9 +120,9 @@ class AccumOptimizer(Optimizer):
         self._updated = False             # whether the last step() moved the parameters
         self._window_known = True         # False after a step only the device knew the drop of
         self._device_windows = {}         # (group index, device, dtype) -> DeviceWindow
-        # id -> parameter hooks folded in this micro-step (one dict for the optimizer's life:
-        # the hooks' routes hold it)
-        self.__dict__.setdefault("_hooked", {}).clear()
+        # id -> parameter the full path of a hook folded in this micro-step (the short way's
+        # are marked in their DeviceWindow's row instead: see _was_hooked)
+        self._hooked = {}
         for route in self.__dict__.get("_hook_routes", {}).values():
             route.take = None             # the windows are dropped: no short way to them
         self._micro_step_cache = {}       # per-micro-step answers the hooks reuse
@@ -154,7 +154,7 @@ class AccumOptimizer(Optimizer):
         state = {p: {**entry, **overrides.get(p, {})} if isinstance(entry, dict) else entry
                  for p, entry in self.state.items()}
         return {"defaults": self.defaults, "state": state, "param_groups": self.param_groups,
-                "accum": self._position(), "accum_hooked": list(self._hooked.values()),
+                "accum": self._position(), "accum_hooked": self._hooked_params(),
                 "process_group": self.process_group, "grad_norm": self.grad_norm}
 
     def __deepcopy__(self, memo):
@@ -185,7 +185,7 @@ class AccumOptimizer(Optimizer):
         self._init_transient()
         if position is not None:
             self._set_position(position)
-        self._hooked.update((id(p), p) for p in hooked)
+        self._hooked = {id(p): p for p in hooked}
         self._group_index = {p: i for i, group in enumerate(self.param_groups)
                              for p in group["params"]}
         self._hook_handles = []
@@ -442,7 +442,7 @@ class AccumOptimizer(Optimizer):
         grads, addresses = zip(*[self._group_grads(i, group)
                                  for i, group in enumerate(self.param_groups)]) or ((), ())
         if self._hooked:
-            self._refuse_hooked_gradients(grads)
+            self._refuse_hooked_gradients(grads, addresses)
         on_triton = [self._runs_triton(i, group) for i, group in enumerate(self.param_groups)]
         if any(on_triton):
             self._check_triton_accum_steps()
@@ -502,20 +502,40 @@ class AccumOptimizer(Optimizer):
         self._end_micro_step()
         return loss
 
-    def _refuse_hooked_gradients(self, grads):
+    def _refuse_hooked_gradients(self, grads, addresses):
         """A .grad on a parameter whose hook has folded its gradient in this micro-step is a
         second gradient for it (see _SECOND_GRADIENT): refused before anything changes."""
-        for group, group_grads in zip(self.param_groups, grads):
-            if _all_none(group_grads):
+        for group, group_grads, group_addresses in zip(self.param_groups, grads, addresses):
+            if group_addresses is NO_GRADS:
                 continue
             for p, g in zip(group["params"], group_grads):
-                if g is not None and id(p) in self._hooked:
+                if g is not None and self._was_hooked(p):
                     raise RuntimeError(
                         f"step(): a parameter of shape {tuple(p.shape)} holds a .grad, but its "
                         f"fold_in_backward hook has folded its gradient in this micro-step "
                         f"already: fold_in_backward=True folds one gradient per parameter per "
                         f"micro-step. Nothing was changed; opt.zero_grad() drops the .grad, "
                         f"and step() then completes the micro-step")
+
+    def _was_hooked(self, param):
+        """Whether a hook of ``param`` has folded (or is holding) its gradient in this
+        micro-step: the full path records it in ``_hooked``; the short way, which needs a full
+        one in its bucket first (so ``_hooked`` is not empty), marks the bucket's row."""
+        if id(param) in self._hooked:
+            return True
+        route = self._hook_routes.get(id(param))
+        return route is not None and route.take is not None and \
+            route.take.__self__.took(route.t)
+
+    def _hooked_params(self):
+        """The parameters hooks have taken the gradients of in this micro-step."""
+        hooked = list(self._hooked.values())
+        if hooked:     # (the short way follows a full path in its micro-step)
+            known = set(self._hooked)
+            hooked += [p for window in self._device_windows.values() if window.hooks_checked
+                       for t, p in enumerate(window.params)
+                       if window.row[t] is not None and id(p) not in known]
+        return hooked
 
     def _end_micro_step(self):
         self._hooked.clear()
@@ -643,7 +663,7 @@ class AccumOptimizer(Optimizer):
             except RuntimeError:
                 param.grad = None     # a backward beyond accum_steps: its first gradient, unfolded
                 raise
-        if id(param) in self._hooked:
+        if self._was_hooked(param):
             param.grad = None         # unfolded: step() completes the micro-step without it
             raise RuntimeError(_SECOND_GRADIENT)
         self._sync_window()
@@ -831,10 +851,11 @@ class AccumOptimizer(Optimizer):
 
     def _group_grads(self, index, group):
         """The group's gradients (refusing a sparse one) and, when every one is a tensor with
-        storage, their data_ptr(), which the Triton path's gradient row reuses (else None)."""
+        storage, their data_ptr(), which the Triton path's gradient row reuses; NO_GRADS where
+        every one is None; else None."""
         grads = [p.grad for p in group["params"]]
         if _all_none(grads):
-            return grads, None        # fold_in_backward: every hook has taken its gradient
+            return grads, NO_GRADS    # fold_in_backward: every hook has taken its gradient
         try:
             return grads, list(map(_data_ptr, grads))
         except (TypeError, RuntimeError):   # a None, or a tensor without storage (sparse)
@@ -945,18 +966,22 @@ class AccumOptimizer(Optimizer):
         folded (in fold_in_backward mode, those hooks stashed) and the window's bookkeeping.
         ``fold_only`` (the last micro-step of a clipped window): fold without moving or
         counting, and mark the tensors folded-not-moved for the launch that follows the clip.
-        ``addresses``: the gradients' data_ptr() (see _group_grads), or None."""
+        ``addresses``: the gradients' data_ptr(), or NO_GRADS (see _group_grads), or None."""
+        none = addresses is NO_GRADS
+        if none:
+            addresses = None
         plan = self._triton_plan(index, group)
         params = group["params"]
         single = len(plan.buckets) == 1
         for (device, dtype), positions in plan.buckets.items():
             window = self._device_window(index, group, device, dtype)
+            window.launch_held()      # large gradients hooks held: folded as they would have been
             bucket_grads = grads if single else [grads[i] for i in positions]
             if plan.dtensor:
                 bucket_grads = [_shard_like(g, params[i]) for g, i in zip(bucket_grads, positions)]
             row = bucket_grads
             if window.has_marks:      # stashed by hooks, or folded for an export or a clip
-                if _all_none(bucket_grads):
+                if none or _all_none(bucket_grads):
                     row = window.row          # fold_in_backward: every gradient was hooked
                 else:
                     row = [g if g is not None else held
@@ -968,7 +993,7 @@ class AccumOptimizer(Optimizer):
             row = [g if torch.is_tensor(g) else None for g in row]
             self._triton_launch(group, window, row, accum_steps, grad_scale, None, flush=True,
                                 fold_only=True)
-            window.mark_folded([t for t, g in enumerate(row) if g is not None], FOLDED)
+            window.flushed([t for t, g in enumerate(row) if g is not None], FOLDED)
 
     def _triton_fold_in_backward(self, index, group, param, grad, accum_steps, fold_only=False):
         """A hook's fold on the Triton path, the first one of its tensor in a micro-step: find
@@ -983,7 +1008,7 @@ class AccumOptimizer(Optimizer):
             # the backward passes; a DTensor's gradient may need resharding first).
             route = self._hook_routes.get(id(param))
             if route is not None:
-                route.take, route.t, route.hooked = window.take_hooked, t, self._hooked
+                route.take, route.t = window.take_hooked, t
             window.hooks_checked = True
             window.hook_mark = FOLDED if fold_only else HOOKED
         self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
@@ -997,6 +1022,7 @@ class AccumOptimizer(Optimizer):
             grad = _shard_like(grad, param)
         tables = _tables()
         if window.numel_of[t] >= tables.HOOK_LAUNCH_MIN_NUMEL:
+            window.launch_held()      # (the short way's held gradients go first)
             self._triton_launch(group, window, grad, accum_steps, None, None, hook_tensor=t,
                                 fold_only=fold_only)
             window.mark_folded([t], FOLDED if fold_only else HOOKED)
@@ -1009,8 +1035,8 @@ class AccumOptimizer(Optimizer):
         stashed = window.stashed()
         self._triton_launch(group, window, stashed, accum_steps, None, None, flush=True,
                             fold_only=fold_only)
-        window.mark_folded([t for t, g in enumerate(stashed) if g is not None],
-                           FOLDED if fold_only else HOOKED)
+        window.flushed([t for t, g in enumerate(stashed) if g is not None],
+                       FOLDED if fold_only else HOOKED)
 
     def _flush_stashes(self):
         """Fold every gradient a hook stashed for step() now, without moving any parameter
@@ -1284,6 +1310,11 @@ _SECOND_GRADIENT = (
     "split over several backward calls are, and step() completes the micro-step with them. "
     "Call step() after each backward (or, for k backward passes per step(), use "
     "step_per_window=True)")
+
+
+# _group_grads' addresses of a group whose gradients are all None (fold_in_backward: every hook
+# took its gradient), so that later checks need not scan them again
+NO_GRADS = ()
 
 
 def _all_none(values):

@@ -20,8 +20,10 @@ All four are written only by :mod:`accumopt.kernels.window`'s kernel, launched a
 so every program here reads the same values. ``found_inf`` (GradScaler) drops the whole
 micro-batch on the device, without a host sync.
 
-With ``HOOK`` the launch covers one tensor (its rows of the work table) from inside backward,
-and its gradient's address comes as ``hook_grad_addr``. With ``MOVE_UNFOLDED`` off, tensors
+With ``HOOK`` the launch covers up to four tensors from inside backward, named by scalars, not
+the work table: ``hook_t0`` .. ``hook_t3`` with their gradients' addresses ``hook_grad0`` ..
+``hook_grad3``, program ``pid`` blocking the first tensor whose end (``hook_end0`` ..
+``hook_end2``, then the grid's size) lies above it. With ``MOVE_UNFOLDED`` off, tensors
 without a gradient are left alone even on the last micro-step (a flush in the middle of
 backward, before they may still get one). ``FOLD_ONLY`` folds without moving even on the last
 micro-step (the tensors are marked ``FOLDED``, and step()'s launch moves them).
@@ -182,8 +184,12 @@ def _fold_block(table_ptr, t, n_tensors, grad_addr, offs, in_bounds, has_grad, f
 # Integer arguments Triton would specialize on (== 1, divisible by 16) gain nothing here (strides
 # of scalar table loads, an address the loads already hint as aligned, a count): one compiled
 # kernel serves every table size and every accum_steps.
-@triton.jit(do_not_specialize=["n_work", "n_tensors", "hook_grad_addr", "accum_steps"])
-def micro_step_kernel(work_ptr, hook_grad_addr, n_work, numel_ptr, table_ptr, n_tensors,
+@triton.jit(do_not_specialize=["hook_grad0", "hook_grad1", "hook_grad2", "hook_grad3", "hook_t0",
+                               "hook_t1", "hook_t2", "hook_t3", "hook_end0", "hook_end1",
+                               "hook_end2", "n_work", "n_tensors", "accum_steps"])
+def micro_step_kernel(work_ptr, hook_grad0, hook_grad1, hook_grad2, hook_grad3, hook_t0, hook_t1,
+                      hook_t2, hook_t3, hook_end0, hook_end1, hook_end2, n_work, numel_ptr,
+                      table_ptr, n_tensors,
                       folds_ptr, updates_ptr, window_ptr, grad_scale_ptr, found_inf_ptr,
                       accum_steps, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
                       weight_decay, momentum, dampening, VARIANT: tl.constexpr,
@@ -194,11 +200,25 @@ def micro_step_kernel(work_ptr, hook_grad_addr, n_work, numel_ptr, table_ptr, n_
                       HAS_FOUND_INF: tl.constexpr, HOOK: tl.constexpr,
                       MOVE_UNFOLDED: tl.constexpr, FOLD_ONLY: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """One program per (tensor, block) row of the work table; ``n_work`` is its row stride."""
+    """One program per (tensor, block): a column of the work table (``n_work`` is its row
+    stride), or with ``HOOK`` a block of the hook tensors'."""
     pid = tl.program_id(0)
-    t = tl.load(work_ptr + pid)
-    # int64 offsets: a tensor may hold more than 2^31 elements.
-    start = tl.load(work_ptr + n_work + pid).to(tl.int64) * BLOCK
+    if HOOK:
+        # The hook launch's tensors in turn, from scalars (no table load before the data's).
+        second = pid >= hook_end0
+        third = pid >= hook_end1
+        fourth = pid >= hook_end2
+        t = tl.where(fourth, hook_t3, tl.where(third, hook_t2, tl.where(second, hook_t1, hook_t0)))
+        grad_addr = tl.where(fourth, hook_grad3, tl.where(third, hook_grad2, tl.where(
+            second, hook_grad1, hook_grad0)))
+        begin = tl.where(fourth, hook_end2, tl.where(third, hook_end1, tl.where(
+            second, hook_end0, 0)))
+        # int64 offsets: a tensor may hold more than 2^31 elements.
+        start = (pid - begin).to(tl.int64) * BLOCK
+    else:
+        t = tl.load(work_ptr + pid)
+        start = tl.load(work_ptr + n_work + pid).to(tl.int64) * BLOCK
+        grad_addr = tl.load(table_ptr + n_tensors + t)
     numel = tl.load(numel_ptr + t)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
 
@@ -209,10 +229,6 @@ def micro_step_kernel(work_ptr, hook_grad_addr, n_work, numel_ptr, table_ptr, n_
     if FOLD_ONLY:
         last = pos < 0  # never: this launch folds, step()'s moves
     folds = tl.load(folds_ptr + t)
-    if HOOK:
-        grad_addr = hook_grad_addr
-    else:
-        grad_addr = tl.load(table_ptr + n_tensors + t)
     has_grad = grad_addr > FOLDED
     # Work where there is a gradient, or to move a tensor folded earlier in the window that got
     # no gradient now (and was not folded by a hook this micro-step either), or one FOLDED.

@@ -3,6 +3,7 @@ device-side window counters, and the two launches of a micro-step."""
 import array
 import contextlib
 import functools
+import itertools
 import math
 import operator
 
@@ -32,6 +33,12 @@ N_SLOTS = 6           # θ, g and up to four state tensors
 # folded together, so small parameters do not cost a launch each.
 HOOK_LAUNCH_MIN_NUMEL = 1 << 16
 STASH_MAX_NUMEL = 1 << 22
+# Large gradients share their hooks' launches: each is held until HOOK_GROUP of them are, or
+# they add up to HOOK_GROUP_MAX_NUMEL elements, then one launch folds them all (a launch costs
+# the host the same for one tensor as for four; the held gradients cost memory, bounded so).
+HOOK_GROUP = 4
+HOOK_GROUP_MAX_NUMEL = 1 << 22
+_NO_HOOK = (0,) * (3 * HOOK_GROUP - 1)   # the hook arguments of a launch that is no hook's
 HOOKED = _HOOKED.value  # the gradient row's "folded by a hook already"
 FOLDED = _FOLDED.value  # the gradient row's "folded for an export, not moved yet"
 KERNEL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -87,9 +94,10 @@ class DeviceWindow:
     ``folds``, ``updates`` and ``window`` start from the host's bookkeeping and from then on
     live on the device (see accumopt.kernels.micro_step for what each holds).
 
-    In fold_in_backward mode a micro-step's gradients arrive one by one: ``fold_now`` launches
-    one tensor's fold, ``stash`` holds a small gradient for the step's launch, and ``row`` is
-    the gradient row that launch uses (stashed gradients, HOOKED for the ones already folded).
+    In fold_in_backward mode a micro-step's gradients arrive one by one: ``take_hooked`` holds a
+    large one until its group's launch (``launch_held``) and a small one for step()'s launch
+    (``stash``), and ``row`` is the gradient row that launch uses (held and stashed gradients,
+    HOOKED for the ones already folded).
     """
 
     def __init__(self, params, slots, folds, updates, window):
@@ -124,7 +132,6 @@ class DeviceWindow:
         self._staging, self._staged, self._flip = None, None, 0
         self.plan = None      # the optimizer's plan of the group this window was checked under
         self._launch_options = {}     # launch options -> the kernel's keyword arguments
-        self._hook_work = {}          # tensor -> its work columns and grid (hook launches)
         # fold_in_backward, this micro-step: whether a hook has checked the bucket (set by the
         # optimizer), and the arguments of its hook launches once one has run (see
         # take_hooked); both cleared at the micro-step's end.
@@ -137,6 +144,8 @@ class DeviceWindow:
         self.row_addresses = [0] * n
         self.has_marks = False    # whether ``row`` holds a stashed gradient or a mark
         self.stashed_numel = 0
+        self.held = []            # the large tensors whose gradients wait in ``row`` for a launch
+        self.held_numel = 0
 
     def _build_work(self, numels):
         """The work table, one (tensor, block) column per program, built on the device (a 7B
@@ -155,6 +164,9 @@ class DeviceWindow:
                     - first.to(self.device, torch.int32).index_select(0, tensor_of))
         self.work = torch.stack([tensor_of, block_of])
         self.large = [t for t, numel in enumerate(numels) if numel >= HOOK_LAUNCH_MIN_NUMEL]
+        # row -> a tuple of the large tensors' entries (C-level: step() asks once per micro-step)
+        self._large_entries = (operator.itemgetter(*self.large) if len(self.large) > 1 else
+                               lambda row, large=tuple(self.large): tuple(row[t] for t in large))
         columns = [c for t, numel in enumerate(numels) if numel < HOOK_LAUNCH_MIN_NUMEL
                    for c in range(self.first_chunk[t], self.first_chunk[t] + self.chunks[t])]
         self.small_work = self.work.index_select(
@@ -265,8 +277,13 @@ class DeviceWindow:
     def mark_folded(self, indices, code=HOOKED):
         for t in indices:
             self.row[t] = self.row_addresses[t] = code
-        self.stashed_numel = 0
         self.has_marks = self.has_marks or bool(indices)
+
+    def flushed(self, indices, code=HOOKED):
+        """A launch of the gradient row has folded every held and stashed gradient (``indices``)."""
+        self.mark_folded(indices, code)
+        self.stashed_numel = self.held_numel = 0
+        self.held = []
 
     def set_window_length(self, length):
         """End the current window after ``length`` micro-steps (a short window a training
@@ -275,13 +292,13 @@ class DeviceWindow:
 
     def take_hooked(self, t, param):
         """A fold_in_backward hook of tensor ``t`` (its bucket checked this micro-step:
-        ``hooks_checked``), the short way: a small gradient into the stash, a large one through
-        the launch an earlier hook of this micro-step prepared; ``param.grad`` is then None.
-        False, with nothing done, where the full path must run: the bucket is not checked yet,
-        ``t`` has a gradient or mark this micro-step already, the stash is full, no hook has
-        launched yet this micro-step, or the gradient is not a plain kernel-ready tensor (a
-        sparse one is not contiguous). (The optimizer keeps no route to a bucket of DTensors.)
-        """
+        ``hooks_checked``), the short way: a small gradient into the stash, a large one held
+        for its group's launch, with the arguments an earlier hook launch of this micro-step
+        prepared; ``param.grad`` is then None. False, with nothing done, where the full path
+        must run: the bucket is not checked yet, ``t`` has a gradient or mark this micro-step
+        already, the stash is full, no hook has launched yet this micro-step, or the gradient
+        is not a plain kernel-ready tensor (a sparse one is not contiguous). (The optimizer
+        keeps no route to a bucket of DTensors.)"""
         if not self.hooks_checked or self.row[t] is not None:
             return False
         grad = param.grad
@@ -300,25 +317,65 @@ class DeviceWindow:
             self.row_addresses[t] = address
             self.stashed_numel = numel
         else:
-            arguments = self._hook_arguments
-            if arguments is None or (self._device_index is not None and
-                                     torch.cuda.current_device() != self._device_index):
+            if self._hook_arguments is None or (
+                    self._device_index is not None and
+                    torch.cuda.current_device() != self._device_index):
                 return False
-            self._grads_alive = [grad]
-            rest, launch_options = arguments
-            work, grid = self._hook_work.get(t) or self._hook_columns(t)
-            micro_step_kernel[grid](work, address, *rest, **launch_options)
-            self.row[t] = self.row_addresses[t] = self.hook_mark
+            self.row[t] = grad
+            self.row_addresses[t] = address
+            held = self.held
+            held.append(t)
+            self.held_numel += numel
+            if len(held) == HOOK_GROUP or self.held_numel >= HOOK_GROUP_MAX_NUMEL:
+                self.launch_held()
         self.has_marks = True
         param.grad = None
         return True
 
-    def _hook_columns(self, t):
-        """Tensor ``t``'s own columns of the work table (a view) and its launch grid, kept."""
-        columns = self._hook_work.get(t)
-        if columns is None:
-            columns = self._hook_work[t] = (self.work[:, self.first_chunk[t]:], (self.chunks[t],))
-        return columns
+    def took(self, t):
+        """Whether a hook has taken tensor ``t``'s gradient in this micro-step (held, stashed
+        or folded)."""
+        return self.hooks_checked and self.row[t] is not None
+
+    def launch_held(self):
+        """Fold (and on the window's last micro-step move) the held large gradients: one
+        launch, with the arguments of this micro-step's hook launches."""
+        held = self.held
+        if not held:
+            return
+        row, addresses = self.row, self.row_addresses
+        self._grads_alive = [row[t] for t in held]     # (until the launch has read them)
+        if len(held) == HOOK_GROUP:   # (the common case, without _hook_group's generality)
+            t0, t1, t2, t3 = held
+            chunks = self.chunks
+            end0 = chunks[t0]
+            end1 = end0 + chunks[t1]
+            end2 = end1 + chunks[t2]
+            hook = (addresses[t0], addresses[t1], addresses[t2], addresses[t3], t0, t1, t2, t3,
+                    end0, end1, end2)
+            n_programs = end2 + chunks[t3]
+        else:
+            hook, n_programs = self._hook_group(held, [addresses[t] for t in held])
+        rest, launch_options = self._hook_arguments
+        micro_step_kernel[(n_programs,)](self.work, *hook, *rest, **launch_options)
+        mark = self.hook_mark
+        for t in held:
+            row[t] = addresses[t] = mark
+        self.held = []
+        self.held_numel = 0
+
+    def _hook_group(self, tensors, addresses):
+        """The kernel's hook arguments for up to HOOK_GROUP tensors and their gradients'
+        addresses (see micro_step_kernel), and the launch's number of programs."""
+        if len(tensors) == 1:
+            (t,), n_programs = tensors, self.chunks[tensors[0]]
+            return (addresses[0], 0, 0, 0, t, 0, 0, 0, n_programs, n_programs, n_programs), \
+                n_programs
+        pad = HOOK_GROUP - len(tensors)
+        ends = list(itertools.accumulate(self.chunks[t] for t in tensors))
+        n_programs = ends[-1]
+        return (*addresses, *(0,) * pad, *tensors, *(0,) * pad, *ends[:-1],
+                *(n_programs,) * pad), n_programs
 
     def retire(self):
         """The optimizer has written the counters back and dropped this window: hook routes to
@@ -327,10 +384,11 @@ class DeviceWindow:
         self._hook_arguments = None
 
     def end_micro_step(self):
-        if self.has_marks:     # (nothing is stashed or marked without setting it)
+        if self.has_marks:     # (nothing is stashed, held or marked without setting it)
             self.row = [None] * len(self.params)
             self.row_addresses = [0] * len(self.params)
-            self.stashed_numel = 0
+            self.stashed_numel = self.held_numel = 0
+            self.held = []
             self.has_marks = False
         self.hooks_checked = False
         self._hook_arguments = None
@@ -369,12 +427,11 @@ class DeviceWindow:
             grad_scale_ptr = grad_scale.to(self.device, torch.float32, non_blocking=True)
         if found_inf is not None:
             found_inf_ptr = found_inf.to(self.device, torch.float32, non_blocking=True)
-        work, n_work, n_programs, hook_grad_addr = self.work, self.n_work, self.n_work, 0
+        work, n_work, n_programs, hook = self.work, self.n_work, self.n_work, _NO_HOOK
         if hook_tensor is not None:
-            work, (n_programs,) = self._hook_columns(hook_tensor)
-            hook_grad_addr = grads.data_ptr() or EMPTY_ADDRESS
+            hook, n_programs = self._hook_group([hook_tensor], [grads.data_ptr() or EMPTY_ADDRESS])
         elif not flush and self.large and self.n_small_work < self.n_work and (
-                all(map(HOOKED.__eq__, map(self.row_addresses.__getitem__, self.large)))
+                self._large_entries(self.row_addresses).count(HOOKED) == len(self.large)
                 if grads is self.row else   # (row_addresses holds only ints)
                 all(grads[t].__class__ is int and grads[t] == HOOKED for t in self.large)):
             # Every large tensor was folded (and moved) by its hook: only the small ones work.
@@ -396,7 +453,7 @@ class DeviceWindow:
                 # The later hooks of this micro-step launch with the same arguments but their
                 # own columns and gradient (see take_hooked).
                 self._hook_arguments = (rest, launch_options)
-            micro_step_kernel[(n_programs,)](work, hook_grad_addr, *rest, **launch_options)
+            micro_step_kernel[(n_programs,)](work, *hook, *rest, **launch_options)
         if hook_tensor is not None or flush:
             return
         window_kernel[(1,)](self.table, len(self.params), self.folds, self.updates, self.window,

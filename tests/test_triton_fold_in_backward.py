@@ -1,7 +1,9 @@
-"""fold_in_backward on the Triton backend: per-tensor launches inside backward for large
-gradients, a stash folded at step() (or flushed when large) for small ones; the same numbers as
-Triton step mode, bit for bit, and as the torch backend."""
+"""fold_in_backward on the Triton backend: launches inside backward for large gradients, up to
+HOOK_GROUP of them (and fewer than HOOK_GROUP_MAX_NUMEL elements held) per launch, a stash
+folded at step() (or flushed when large) for small ones; the same numbers as Triton step mode,
+bit for bit, and as the torch backend."""
 import inspect
+import itertools
 
 import pytest
 import torch
@@ -40,11 +42,16 @@ def run(cls, kwargs, backend, hook, steps=8, seed=0):
 
 
 @pytest.mark.parametrize("cls,kwargs", VARIANTS, ids=IDS)
-@pytest.mark.parametrize("launch_min,stash_max", [(100, 1 << 30), (100, 10), (1, 1 << 30)],
-                         ids=["launch-and-stash", "with-flushes", "launch-all"])
-def test_triton_hook_mode_equals_step_mode(monkeypatch, cls, kwargs, launch_min, stash_max):
+@pytest.mark.parametrize("launch_min,stash_max,group_max",
+                         [(100, 1 << 30, 1 << 30), (100, 10, 1 << 30), (1, 1 << 30, 1 << 30),
+                          (1, 1 << 30, 400)],
+                         ids=["launch-and-stash", "with-flushes", "launch-all",
+                              "groups-by-size"])
+def test_triton_hook_mode_equals_step_mode(monkeypatch, cls, kwargs, launch_min, stash_max,
+                                           group_max):
     monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", launch_min)
     monkeypatch.setattr(tables, "STASH_MAX_NUMEL", stash_max)
+    monkeypatch.setattr(tables, "HOOK_GROUP_MAX_NUMEL", group_max)
     hooked, hook_opt = run(cls, kwargs, "triton", hook=True)
     stepped, step_opt = run(cls, kwargs, "triton", hook=False)
     reference, _ = run(cls, kwargs, "torch", hook=False)
@@ -73,20 +80,82 @@ def record_launches(monkeypatch, label):
     return calls
 
 
-def test_hook_launches_per_micro_step(monkeypatch):
-    """Large gradients: one launch each inside backward; small ones: none until step(), whose
-    two launches (fold of the stash and moves, bookkeeping) cover them all."""
+def record_hook_groups(monkeypatch, numels):
+    """For every launch of the micro-step kernel, the tensors it folds by their hooks' gradients
+    (the HOOK launch's tensor indices, as many as its ends say it covers) or "step" (a launch of
+    the gradient row); checks that a hook launch's grid is its tensors' blocks."""
+    calls = []
+    kernel = tables.micro_step_kernel
+    names = kernel.arg_names
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                arg = dict(zip(names, args))
+                if not arg["HOOK"]:
+                    calls.append("step")
+                else:
+                    ends = [arg[f"hook_end{i}"] for i in range(tables.HOOK_GROUP - 1)] + [grid[0]]
+                    n = 1 + sum(end < grid[0] for end in ends[:-1])
+                    tensors = [arg[f"hook_t{i}"] for i in range(n)]
+                    assert ends[:n] == list(itertools.accumulate(
+                        -(-numels[t] // tables.BLOCK) for t in tensors))
+                    calls.append(tuple(tensors))
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(tables, "micro_step_kernel", Recording())
+    return calls
+
+
+GROUP_SHAPES = [(1200,), (5,), (3000,), (1500,), (7,), (1100,), (2500,), (1300,), (3,),
+                (4000,), (1000,)]
+
+
+@pytest.mark.parametrize("group_max", [1 << 30, 4000, 1])
+def test_hook_launches_group_the_large_gradients(monkeypatch, group_max):
+    """From the second micro-step on (the first finds each tensor's bucket), a micro-step's first
+    large gradient launches by itself, through the launcher, and the later ones are held until
+    HOOK_GROUP of them are, or they add up to HOOK_GROUP_MAX_NUMEL elements, then launched
+    together; step() launches what is still held, then the small ones. Checked against the rule
+    applied by hand to the order the hooks ran in, and the held gradients' bound after every
+    hook."""
     monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 1000)
-    calls = record_launches(monkeypatch, lambda hook: "hook" if hook else "step")
-    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in SHAPES]
+    monkeypatch.setattr(tables, "HOOK_GROUP_MAX_NUMEL", group_max)
+    numels = [s[0] for s in GROUP_SHAPES]
+    calls = record_hook_groups(monkeypatch, numels)
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in GROUP_SHAPES]
     opt = AccumAdamW(params, accum_steps=2, backend="triton", fold_in_backward=True)
-    large = sum(p.numel() >= 1000 for p in params)
-    for _ in range(2):
+    order, held = [], []
+
+    def after_the_fold(param):       # registered after the optimizer's hook: runs after it
+        window = next(iter(opt._device_windows.values()))
+        held.append((len(window.held), window.held_numel))
+        order.append(next(t for t, p in enumerate(params) if p is param))
+    for p in params:
+        p.register_post_accumulate_grad_hook(after_the_fold)
+    for micro_step in range(4):
         calls.clear()
+        order.clear()
+        held.clear()
         sum(p.sum() for p in params).backward()
-        assert calls == ["hook"] * large
+        in_backward = list(calls)
         opt.step()
-        assert calls == ["hook"] * large + ["step"]
+        large = [t for t in order if numels[t] >= 1000]
+        if micro_step == 0:
+            want_backward, want_step = [(t,) for t in large], []
+        else:      # the rule, by hand
+            want_backward, group, size = [(large[0],)], [], 0
+            for t in large[1:]:
+                group.append(t)
+                size += numels[t]
+                if len(group) == tables.HOOK_GROUP or size >= group_max:
+                    want_backward.append(tuple(group))
+                    group, size = [], 0
+            want_step = [tuple(group)] if group else []
+        assert in_backward == want_backward, (micro_step, in_backward, want_backward)
+        assert calls[len(in_backward):] == want_step + ["step"], (micro_step, calls)
+        assert all(n < tables.HOOK_GROUP and size < group_max for n, size in held), held
+    opt.remove_hooks()
 
 
 def test_later_hooks_launch_with_the_first_hooks_arguments(monkeypatch):
@@ -112,7 +181,9 @@ def test_later_hooks_launch_with_the_first_hooks_arguments(monkeypatch):
         through_launcher.clear()
         launches.clear()
         sum(p.sum() for p in params).backward()
-        assert launches == [True] * large, launches
+        # (the first large gradient launches alone, the later ones together: see above)
+        assert launches == [True] * (large if t == 0 else 1 + (large - 1) // tables.HOOK_GROUP)
+        assert large - 1 < tables.HOOK_GROUP
         # The first micro-step finds each tensor's route; from then on they are kept.
         assert through_launcher == [True] * (large if t == 0 else 1), (t, through_launcher)
         opt.step()
