@@ -998,8 +998,11 @@ class AccumOptimizer(Optimizer):
     def _triton_fold_in_backward(self, index, group, param, grad, accum_steps, fold_only=False):
         """A hook's fold on the Triton path, the first one of its tensor in a micro-step: find
         its bucket's window (checked once per micro-step), keep the route for later
-        micro-steps, fold."""
-        self._hyper_values(group)  # read now: a stashed gradient's move in step() keeps them
+        micro-steps, fold. Where the hook launches of this micro-step take the arguments of an
+        earlier micro-step's (the same hyperparameters, window length and fold_only), the tensor
+        takes the short way at once."""
+        # read now: a stashed gradient's move in step() keeps them
+        hyper = self._hyper_values(group)
         window = self._device_window(index, group, param.device, param.dtype)
         t = window.index[param]
         if not (group["step_per_window"] or window.dtensor):
@@ -1011,6 +1014,12 @@ class AccumOptimizer(Optimizer):
                 route.take, route.t = window.take_hooked, t
             window.hooks_checked = True
             window.hook_mark = FOLDED if fold_only else HOOKED
+            key = (tuple(hyper.items()), accum_steps, self._reduction(group), fold_only)
+            if window.reuse_hook_arguments(key) and window.take_hooked(t, param):
+                return
+            self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
+            window.keep_hook_arguments(key)
+            return
         self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
 
     def _fold_into_window(self, group, window, t, param, grad, accum_steps, fold_only):

@@ -20,10 +20,10 @@ All four are written only by :mod:`accumopt.kernels.window`'s kernel, launched a
 so every program here reads the same values. ``found_inf`` (GradScaler) drops the whole
 micro-batch on the device, without a host sync.
 
-With ``HOOK`` the launch covers up to four tensors from inside backward, named by scalars, not
-the work table: ``hook_t0`` .. ``hook_t3`` with their gradients' addresses ``hook_grad0`` ..
-``hook_grad3``, program ``pid`` blocking the first tensor whose end (``hook_end0`` ..
-``hook_end2``, then the grid's size) lies above it. With ``MOVE_UNFOLDED`` off, tensors
+With ``HOOK`` the launch covers up to eight tensors from inside backward, named by scalars, not
+the work table: ``hook_t0`` .. ``hook_t7`` with their gradients' addresses ``hook_grad0`` ..
+``hook_grad7``; tensor i's blocks are programs [``hook_end{i-1}``, ``hook_end{i}``) (from 0;
+an unused slot's end is past every program). With ``MOVE_UNFOLDED`` off, tensors
 without a gradient are left alone even on the last micro-step (a flush in the middle of
 backward, before they may still get one). ``FOLD_ONLY`` folds without moving even on the last
 micro-step (the tensors are marked ``FOLDED``, and step()'s launch moves them).
@@ -181,15 +181,36 @@ def _fold_block(table_ptr, t, n_tensors, grad_addr, offs, in_bounds, has_grad, f
             _store(p_addr, offs, in_bounds, p, DTYPE, EVEN)
 
 
+@triton.jit
+def _in_turn(pid, end0, end1, end2, end3, end4, end5, end6, v0, v1, v2, v3, v4, v5, v6, v7):
+    """v_i for the program ``pid`` of a hook launch: slot i's programs are [end_{i-1}, end_i)
+    (the ends never decrease, so the last slot begun at or before pid is pid's)."""
+    v = tl.where(pid >= end0, v1, v0)
+    v = tl.where(pid >= end1, v2, v)
+    v = tl.where(pid >= end2, v3, v)
+    v = tl.where(pid >= end3, v4, v)
+    v = tl.where(pid >= end4, v5, v)
+    v = tl.where(pid >= end5, v6, v)
+    return tl.where(pid >= end6, v7, v)
+
+
+# A hook launch's scalars (see the module docstring): HOOK_GROUP tensors' gradient addresses and
+# indices, and the ends of all but the last one's programs.
+HOOK_GROUP = 8
+HOOK_ARGS = tuple([f"hook_grad{i}" for i in range(HOOK_GROUP)] +
+                  [f"hook_t{i}" for i in range(HOOK_GROUP)] +
+                  [f"hook_end{i}" for i in range(HOOK_GROUP - 1)])
+
+
 # Integer arguments Triton would specialize on (== 1, divisible by 16) gain nothing here (strides
-# of scalar table loads, an address the loads already hint as aligned, a count): one compiled
-# kernel serves every table size and every accum_steps.
-@triton.jit(do_not_specialize=["hook_grad0", "hook_grad1", "hook_grad2", "hook_grad3", "hook_t0",
-                               "hook_t1", "hook_t2", "hook_t3", "hook_end0", "hook_end1",
-                               "hook_end2", "n_work", "n_tensors", "accum_steps"])
-def micro_step_kernel(work_ptr, hook_grad0, hook_grad1, hook_grad2, hook_grad3, hook_t0, hook_t1,
-                      hook_t2, hook_t3, hook_end0, hook_end1, hook_end2, n_work, numel_ptr,
-                      table_ptr, n_tensors,
+# of scalar table loads, an address the loads already hint as aligned, a count, a tensor index):
+# one compiled kernel serves every table size, every hook group and every accum_steps.
+@triton.jit(do_not_specialize=list(HOOK_ARGS) + ["n_work", "n_tensors", "accum_steps"])
+def micro_step_kernel(work_ptr, hook_grad0, hook_grad1, hook_grad2, hook_grad3, hook_grad4,
+                      hook_grad5, hook_grad6, hook_grad7, hook_t0, hook_t1, hook_t2, hook_t3,
+                      hook_t4, hook_t5, hook_t6, hook_t7, hook_end0, hook_end1, hook_end2,
+                      hook_end3, hook_end4, hook_end5, hook_end6, n_work,
+                      numel_ptr, table_ptr, n_tensors,
                       folds_ptr, updates_ptr, window_ptr, grad_scale_ptr, found_inf_ptr,
                       accum_steps, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
                       weight_decay, momentum, dampening, VARIANT: tl.constexpr,
@@ -205,14 +226,15 @@ def micro_step_kernel(work_ptr, hook_grad0, hook_grad1, hook_grad2, hook_grad3, 
     pid = tl.program_id(0)
     if HOOK:
         # The hook launch's tensors in turn, from scalars (no table load before the data's).
-        second = pid >= hook_end0
-        third = pid >= hook_end1
-        fourth = pid >= hook_end2
-        t = tl.where(fourth, hook_t3, tl.where(third, hook_t2, tl.where(second, hook_t1, hook_t0)))
-        grad_addr = tl.where(fourth, hook_grad3, tl.where(third, hook_grad2, tl.where(
-            second, hook_grad1, hook_grad0)))
-        begin = tl.where(fourth, hook_end2, tl.where(third, hook_end1, tl.where(
-            second, hook_end0, 0)))
+        t = _in_turn(pid, hook_end0, hook_end1, hook_end2, hook_end3, hook_end4, hook_end5,
+                     hook_end6, hook_t0, hook_t1, hook_t2, hook_t3, hook_t4, hook_t5, hook_t6,
+                     hook_t7)
+        grad_addr = _in_turn(pid, hook_end0, hook_end1, hook_end2, hook_end3, hook_end4,
+                             hook_end5, hook_end6, hook_grad0, hook_grad1, hook_grad2,
+                             hook_grad3, hook_grad4, hook_grad5, hook_grad6, hook_grad7)
+        begin = _in_turn(pid, hook_end0, hook_end1, hook_end2, hook_end3, hook_end4,
+                         hook_end5, hook_end6, 0, hook_end0, hook_end1, hook_end2, hook_end3,
+                         hook_end4, hook_end5, hook_end6)
         # int64 offsets: a tensor may hold more than 2^31 elements.
         start = (pid - begin).to(tl.int64) * BLOCK
     else:

@@ -3,7 +3,6 @@ device-side window counters, and the two launches of a micro-step."""
 import array
 import contextlib
 import functools
-import itertools
 import math
 import operator
 
@@ -11,6 +10,7 @@ import torch
 import triton.language as tl
 
 from .micro_step import FOLDED as _FOLDED
+from .micro_step import HOOK_GROUP
 from .micro_step import HOOKED as _HOOKED
 from .micro_step import micro_step_kernel
 from .window import window_kernel
@@ -33,12 +33,17 @@ N_SLOTS = 6           # θ, g and up to four state tensors
 # folded together, so small parameters do not cost a launch each.
 HOOK_LAUNCH_MIN_NUMEL = 1 << 16
 STASH_MAX_NUMEL = 1 << 22
-# Large gradients share their hooks' launches: each is held until HOOK_GROUP of them are, or
-# they add up to HOOK_GROUP_MAX_NUMEL elements, then one launch folds them all (a launch costs
-# the host the same for one tensor as for four; the held gradients cost memory, bounded so).
-HOOK_GROUP = 4
+# Large gradients share their hooks' launches: each is held until HOOK_GROUP (8) of them are, or
+# they add up to HOOK_GROUP_MAX_NUMEL elements, then one launch folds them all. A launch costs
+# the host about the same for one tensor as for eight; the held gradients cost memory, bounded
+# so (4M elements, 16 MB in fp32: an Adam fold of that size takes a GPU about as long as a
+# launch takes the host, so smaller groups would leave the GPU waiting on launches).
 HOOK_GROUP_MAX_NUMEL = 1 << 22
-_NO_HOOK = (0,) * (3 * HOOK_GROUP - 1)   # the hook arguments of a launch that is no hook's
+_UNUSED_END = 2 ** 31 - 1     # a hook slot's end past every program: the slot is never reached
+# The hook arguments (see micro_step_kernel) of a launch that is no hook's, and of a hook launch
+# before its tensors are filled in.
+_NO_HOOK = (0,) * (2 * HOOK_GROUP) + (_UNUSED_END,) * (HOOK_GROUP - 1)
+_ZEROS = (0,) * (HOOK_GROUP - 1)
 HOOKED = _HOOKED.value  # the gradient row's "folded by a hook already"
 FOLDED = _FOLDED.value  # the gradient row's "folded for an export, not moved yet"
 KERNEL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -137,6 +142,7 @@ class DeviceWindow:
         # take_hooked); both cleared at the micro-step's end.
         self.hooks_checked = False
         self._hook_arguments = None
+        self._kept_hook_arguments = None   # (key, arguments): see keep_hook_arguments
         self.hook_mark = HOOKED   # the mark of a hook's fold (set with hooks_checked)
         self.row = [None] * n
         # What the gradient row will hold for ``row``'s stashed gradients and marks (0 for
@@ -144,8 +150,12 @@ class DeviceWindow:
         self.row_addresses = [0] * n
         self.has_marks = False    # whether ``row`` holds a stashed gradient or a mark
         self.stashed_numel = 0
-        self.held = []            # the large tensors whose gradients wait in ``row`` for a launch
+        # The large tensors whose gradients wait in ``row`` for a launch, their elements, and
+        # that launch's hook arguments and programs, filled in as they come.
+        self.held = []
         self.held_numel = 0
+        self._held_arguments = list(_NO_HOOK)
+        self._held_programs = 0
 
     def _build_work(self, numels):
         """The work table, one (tensor, block) column per program, built on the device (a 7B
@@ -282,8 +292,14 @@ class DeviceWindow:
     def flushed(self, indices, code=HOOKED):
         """A launch of the gradient row has folded every held and stashed gradient (``indices``)."""
         self.mark_folded(indices, code)
-        self.stashed_numel = self.held_numel = 0
+        self.stashed_numel = 0
+        self._drop_held()
+
+    def _drop_held(self):
         self.held = []
+        self.held_numel = 0
+        self._held_arguments = list(_NO_HOOK)
+        self._held_programs = 0
 
     def set_window_length(self, length):
         """End the current window after ``length`` micro-steps (a short window a training
@@ -324,13 +340,35 @@ class DeviceWindow:
             self.row[t] = grad
             self.row_addresses[t] = address
             held = self.held
+            i = len(held)
             held.append(t)
+            arguments = self._held_arguments
+            arguments[i] = address
+            arguments[HOOK_GROUP + i] = t
+            self._held_programs += self.chunks[t]
+            if i < HOOK_GROUP - 1:
+                arguments[2 * HOOK_GROUP + i] = self._held_programs
             self.held_numel += numel
-            if len(held) == HOOK_GROUP or self.held_numel >= HOOK_GROUP_MAX_NUMEL:
+            if i == HOOK_GROUP - 1 or self.held_numel >= HOOK_GROUP_MAX_NUMEL:
                 self.launch_held()
         self.has_marks = True
         param.grad = None
         return True
+
+    def keep_hook_arguments(self, key):
+        """Keep this micro-step's hook launch arguments (once a hook has launched) for later
+        micro-steps whose launches ``key`` says are the same (see reuse_hook_arguments)."""
+        if self._hook_arguments is not None:
+            self._kept_hook_arguments = (key, self._hook_arguments)
+
+    def reuse_hook_arguments(self, key):
+        """Make the hook launch arguments kept under ``key`` this micro-step's, if any are (the
+        optimizer's key holds everything they are built from but the window's own tensors);
+        whether they are."""
+        kept = self._kept_hook_arguments
+        if self._hook_arguments is None and kept is not None and kept[0] == key:
+            self._hook_arguments = kept[1]
+        return self._hook_arguments is not None
 
     def took(self, t):
         """Whether a hook has taken tensor ``t``'s gradient in this micro-step (held, stashed
@@ -345,37 +383,13 @@ class DeviceWindow:
             return
         row, addresses = self.row, self.row_addresses
         self._grads_alive = [row[t] for t in held]     # (until the launch has read them)
-        if len(held) == HOOK_GROUP:   # (the common case, without _hook_group's generality)
-            t0, t1, t2, t3 = held
-            chunks = self.chunks
-            end0 = chunks[t0]
-            end1 = end0 + chunks[t1]
-            end2 = end1 + chunks[t2]
-            hook = (addresses[t0], addresses[t1], addresses[t2], addresses[t3], t0, t1, t2, t3,
-                    end0, end1, end2)
-            n_programs = end2 + chunks[t3]
-        else:
-            hook, n_programs = self._hook_group(held, [addresses[t] for t in held])
         rest, launch_options = self._hook_arguments
-        micro_step_kernel[(n_programs,)](self.work, *hook, *rest, **launch_options)
+        micro_step_kernel[(self._held_programs,)](self.work, *self._held_arguments, *rest,
+                                                  **launch_options)
         mark = self.hook_mark
         for t in held:
             row[t] = addresses[t] = mark
-        self.held = []
-        self.held_numel = 0
-
-    def _hook_group(self, tensors, addresses):
-        """The kernel's hook arguments for up to HOOK_GROUP tensors and their gradients'
-        addresses (see micro_step_kernel), and the launch's number of programs."""
-        if len(tensors) == 1:
-            (t,), n_programs = tensors, self.chunks[tensors[0]]
-            return (addresses[0], 0, 0, 0, t, 0, 0, 0, n_programs, n_programs, n_programs), \
-                n_programs
-        pad = HOOK_GROUP - len(tensors)
-        ends = list(itertools.accumulate(self.chunks[t] for t in tensors))
-        n_programs = ends[-1]
-        return (*addresses, *(0,) * pad, *tensors, *(0,) * pad, *ends[:-1],
-                *(n_programs,) * pad), n_programs
+        self._drop_held()
 
     def retire(self):
         """The optimizer has written the counters back and dropped this window: hook routes to
@@ -387,8 +401,8 @@ class DeviceWindow:
         if self.has_marks:     # (nothing is stashed, held or marked without setting it)
             self.row = [None] * len(self.params)
             self.row_addresses = [0] * len(self.params)
-            self.stashed_numel = self.held_numel = 0
-            self.held = []
+            self.stashed_numel = 0
+            self._drop_held()
             self.has_marks = False
         self.hooks_checked = False
         self._hook_arguments = None
@@ -429,7 +443,9 @@ class DeviceWindow:
             found_inf_ptr = found_inf.to(self.device, torch.float32, non_blocking=True)
         work, n_work, n_programs, hook = self.work, self.n_work, self.n_work, _NO_HOOK
         if hook_tensor is not None:
-            hook, n_programs = self._hook_group([hook_tensor], [grads.data_ptr() or EMPTY_ADDRESS])
+            n_programs = self.chunks[hook_tensor]
+            hook = ((grads.data_ptr() or EMPTY_ADDRESS,) + _ZEROS + (hook_tensor,) + _ZEROS
+                    + _NO_HOOK[2 * HOOK_GROUP:])
         elif not flush and self.large and self.n_small_work < self.n_work and (
                 self._large_entries(self.row_addresses).count(HOOKED) == len(self.large)
                 if grads is self.row else   # (row_addresses holds only ints)

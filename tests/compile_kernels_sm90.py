@@ -21,17 +21,16 @@ try:
 except ImportError:
     sys.exit(API_MISMATCH)
 
-from accumopt.kernels.micro_step import micro_step_kernel
+from accumopt.kernels.micro_step import HOOK_ARGS, micro_step_kernel
 import torch
 
 from accumopt.kernels.tables import LAUNCH_SHAPES, MAX_REGISTERS
 from accumopt.kernels.window import window_kernel
 
 SIGNATURE = {
-    "work_ptr": "*i32", "hook_grad0": "i64", "hook_grad1": "i64", "hook_grad2": "i64",
-    "hook_grad3": "i64", "hook_t0": "i32", "hook_t1": "i32", "hook_t2": "i32", "hook_t3": "i32",
-    "hook_end0": "i32", "hook_end1": "i32", "hook_end2": "i32", "n_work": "i32",
-    "numel_ptr": "*i64",
+    "work_ptr": "*i32", **{name: "i64" if name.startswith("hook_grad") else "i32"
+                           for name in HOOK_ARGS},
+    "n_work": "i32", "numel_ptr": "*i64",
     "table_ptr": "*i64", "n_tensors": "i32", "folds_ptr": "*i32", "updates_ptr": "*fp32",
     "window_ptr": "*i32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
     "accum_steps": "i32", "lr": "fp32",

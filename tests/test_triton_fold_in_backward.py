@@ -95,7 +95,9 @@ def record_hook_groups(monkeypatch, numels):
                 if not arg["HOOK"]:
                     calls.append("step")
                 else:
-                    ends = [arg[f"hook_end{i}"] for i in range(tables.HOOK_GROUP - 1)] + [grid[0]]
+                    # (the last tensor's blocks end with the grid, whatever its slot's end says)
+                    ends = [min(arg[f"hook_end{i}"], grid[0])
+                            for i in range(tables.HOOK_GROUP - 1)] + [grid[0]]
                     n = 1 + sum(end < grid[0] for end in ends[:-1])
                     tensors = [arg[f"hook_t{i}"] for i in range(n)]
                     assert ends[:n] == list(itertools.accumulate(
@@ -113,12 +115,12 @@ GROUP_SHAPES = [(1200,), (5,), (3000,), (1500,), (7,), (1100,), (2500,), (1300,)
 
 @pytest.mark.parametrize("group_max", [1 << 30, 4000, 1])
 def test_hook_launches_group_the_large_gradients(monkeypatch, group_max):
-    """From the second micro-step on (the first finds each tensor's bucket), a micro-step's first
-    large gradient launches by itself, through the launcher, and the later ones are held until
-    HOOK_GROUP of them are, or they add up to HOOK_GROUP_MAX_NUMEL elements, then launched
-    together; step() launches what is still held, then the small ones. Checked against the rule
-    applied by hand to the order the hooks ran in, and the held gradients' bound after every
-    hook."""
+    """The first large gradient of the first micro-step launches by itself, through the
+    launcher; every later one (in later micro-steps, with the same hyperparameters, from the
+    first) is held until HOOK_GROUP of them are, or they add up to HOOK_GROUP_MAX_NUMEL
+    elements, then launched together; step() launches what is still held, then the small ones.
+    Checked against the rule applied by hand to the order the hooks ran in, and the held
+    gradients' bound after every hook."""
     monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 1000)
     monkeypatch.setattr(tables, "HOOK_GROUP_MAX_NUMEL", group_max)
     numels = [s[0] for s in GROUP_SHAPES]
@@ -141,28 +143,27 @@ def test_hook_launches_group_the_large_gradients(monkeypatch, group_max):
         in_backward = list(calls)
         opt.step()
         large = [t for t in order if numels[t] >= 1000]
-        if micro_step == 0:
-            want_backward, want_step = [(t,) for t in large], []
-        else:      # the rule, by hand
-            want_backward, group, size = [(large[0],)], [], 0
-            for t in large[1:]:
-                group.append(t)
-                size += numels[t]
-                if len(group) == tables.HOOK_GROUP or size >= group_max:
-                    want_backward.append(tuple(group))
-                    group, size = [], 0
-            want_step = [tuple(group)] if group else []
+        # the rule, by hand
+        want_backward, group, size = ([(large[0],)], [], 0) if micro_step == 0 else ([], [], 0)
+        for t in large[1:] if micro_step == 0 else large:
+            group.append(t)
+            size += numels[t]
+            if len(group) == tables.HOOK_GROUP or size >= group_max:
+                want_backward.append(tuple(group))
+                group, size = [], 0
+        want_step = [tuple(group)] if group else []
         assert in_backward == want_backward, (micro_step, in_backward, want_backward)
         assert calls[len(in_backward):] == want_step + ["step"], (micro_step, calls)
         assert all(n < tables.HOOK_GROUP and size < group_max for n, size in held), held
     opt.remove_hooks()
 
 
-def test_later_hooks_launch_with_the_first_hooks_arguments(monkeypatch):
-    """Once every tensor's route is known (after the first micro-step), a micro-step's first
-    large hook builds the launch arguments through the launcher and the later large hooks of
-    that micro-step launch with them directly (DeviceWindow.take_hooked): one kernel launch
-    each, no second pass through the launcher."""
+def test_hook_launch_arguments_are_built_once_while_the_hyperparameters_stay(monkeypatch):
+    """The first large hook of the first micro-step builds the hook launch arguments through
+    the launcher (and launches its tensor alone); every later large hook, in that micro-step
+    and the next ones, is held and launched with them (DeviceWindow.take_hooked, launch_held),
+    with no pass through the launcher, until a hyperparameter changes: then the first large
+    hook builds them again."""
     monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 1000)
     through_launcher = []
     original = tables.DeviceWindow._launch
@@ -176,17 +177,19 @@ def test_later_hooks_launch_with_the_first_hooks_arguments(monkeypatch):
     params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in SHAPES]
     opt = AccumAdamW(params, accum_steps=2, backend="triton", fold_in_backward=True)
     large = sum(p.numel() >= 1000 for p in params)
-    assert large >= 2
-    for t in range(3):
+    assert 2 <= large <= tables.HOOK_GROUP
+    for t in range(5):
+        if t == 2:            # (a window's first micro-step)
+            opt.param_groups[0]["lr"] *= 0.5
         through_launcher.clear()
         launches.clear()
         sum(p.sum() for p in params).backward()
-        # (the first large gradient launches alone, the later ones together: see above)
-        assert launches == [True] * (large if t == 0 else 1 + (large - 1) // tables.HOOK_GROUP)
-        assert large - 1 < tables.HOOK_GROUP
-        # The first micro-step finds each tensor's route; from then on they are kept.
-        assert through_launcher == [True] * (large if t == 0 else 1), (t, through_launcher)
+        built = t in (0, 2)
+        assert through_launcher == [True] * built, (t, through_launcher)
+        assert launches == [True] * built, (t, launches)
         opt.step()
+        # step(): the held large ones (all but one that launched alone), then the step's
+        assert launches == [True] * built + [True, False], (t, launches)
     opt.remove_hooks()
 
 
