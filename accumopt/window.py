@@ -1023,8 +1023,8 @@ class AccumOptimizer(Optimizer):
         self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
 
     def _fold_into_window(self, group, window, t, param, grad, accum_steps, fold_only):
-        """Tensor ``t``'s gradient into its window: a large one gets its own launch now; a small
-        one waits in the bucket's stash for step() (or a flush once the stash is large).
+        """Tensor ``t``'s gradient into its window: a large one gets its own launch now (after the
+        ones the short way holds), and its arguments serve the later ones; a small one waits in the bucket's stash for step() (or a flush once the stash is large).
         ``fold_only``: the window's last micro-step with clipping or a process group, whose
         moves wait for the norm or the average."""
         if window.plan.dtensor:

@@ -4,7 +4,7 @@ and the time to build the device tables of a LLaMA-7B-sized bucket. On a GPU the
 GPT-2's, on CUDA, and the host time is the time until the call returns (no sync, the kernels
 launch for real). Without one the measurement runs in a child process (TRITON_INTERPRET=1) with
 Triton's launches made no-ops, on CPU tensors of GPT-2's layout at width 256 (the same 148
-tensors, the same 50 at or above fold_in_backward's own-launch size and 98 below it, 9.8M
+tensors, the same 50 at or above fold_in_backward's hook-launch size and 98 below it, 9.8M
 parameters), and the 7B tables on the meta device (shape work only). AdamW's own Python is its
 step with torch's foreach ops made no-ops; its `step_us` on the CPU is real CPU arithmetic, no
 host figure.
@@ -27,9 +27,10 @@ host figure.
   each mode's zero_grad() added (the whole per-micro-step cost of the training loop, where
   fold_in_backward's hooks do the freeing zero_grad does in step mode; no goal).
 - `first_hook_us`, `large_hook_us`, `small_hook_us`, `hook_step_us`: where that time goes, each
-  hook timed alone: the first hook of a micro-step (it checks the bucket and builds the launch
-  arguments), a later large tensor's (its own launch), a small tensor's (held for step()), and
-  the step() after the hooks; `large_tensors` / `small_tensors` count them.
+  hook timed alone: the first hook of a micro-step (it checks the bucket; its launch arguments
+  are an earlier micro-step's), a later large tensor's (held for a launch of up to 8: the median
+  is a hook that only holds), a small tensor's (held for step()), and the step() after the
+  hooks; `large_tensors` / `small_tensors` count them.
 - `tables_ms`: building one bucket's DeviceWindow for a 7B-parameter model (goal: 50 ms)."""
 import contextlib
 import functools
@@ -228,9 +229,8 @@ def _bare_hook(owner_ref, param):
 
 def _hooks_apart(optimizer, params, grads, hooks, sync):
     """Where fold_in_backward's time goes: each hook timed alone (less the timer's own span),
-    the first of a micro-step apart from the rest (it checks the bucket and builds the launch
-    arguments the later large tensors reuse), the others by kind (a large tensor's launch, a
-    small one's stash), and the step() after them."""
+    the first of a micro-step apart from the rest (it checks the bucket), the others by kind (a
+    large tensor's, held for a shared launch, a small one's stash), and the step() after them."""
     from accumopt.kernels import tables
     clock = time.perf_counter_ns
     timer = statistics.median(-clock() + clock() for _ in range(1000))

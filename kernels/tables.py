@@ -28,9 +28,10 @@ BLOCK = LAUNCH_SHAPES[torch.float32][0]
 MAX_REGISTERS = 64
 WINDOW_BLOCK = 256    # tensors per iteration of the bookkeeping kernel
 N_SLOTS = 6           # θ, g and up to four state tensors
-# fold_in_backward: a gradient of at least this many elements is folded by its own launch inside
-# backward; smaller ones are held until step() (or until they add up to STASH_MAX_NUMEL) and
-# folded together, so small parameters do not cost a launch each.
+# fold_in_backward: a gradient of at least this many elements is folded by a launch inside
+# backward (shared with other large ones: see HOOK_GROUP); smaller ones are held until step() (or
+# until they add up to STASH_MAX_NUMEL) and folded together, so small parameters do not cost a
+# launch each.
 HOOK_LAUNCH_MIN_NUMEL = 1 << 16
 STASH_MAX_NUMEL = 1 << 22
 # Large gradients share their hooks' launches: each is held until HOOK_GROUP (8) of them are, or
