@@ -1005,6 +1005,7 @@ class AccumOptimizer(Optimizer):
         hyper = self._hyper_values(group)
         window = self._device_window(index, group, param.device, param.dtype)
         t = window.index[param]
+        key = None
         if not (group["step_per_window"] or window.dtensor):
             # This micro-step's later hooks of the bucket, and later micro-steps, fold this
             # tensor from the hook's first lines (step_per_window must see every hook: it counts
@@ -1014,17 +1015,19 @@ class AccumOptimizer(Optimizer):
                 route.take, route.t = window.take_hooked, t
             window.hooks_checked = True
             window.hook_mark = FOLDED if fold_only else HOOKED
-            key = (tuple(hyper.items()), accum_steps, self._reduction(group), fold_only)
+            # What the hook launch arguments are built from, beside the window's own tensors.
+            key = (self._variant(group), tuple(hyper.items()), accum_steps,
+                   self._reduction(group), fold_only)
             if window.reuse_hook_arguments(key) and window.take_hooked(t, param):
                 return
-            self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
-            window.keep_hook_arguments(key)
-            return
         self._fold_into_window(group, window, t, param, grad, accum_steps, fold_only)
+        if key is not None:
+            window.keep_hook_arguments(key)
 
     def _fold_into_window(self, group, window, t, param, grad, accum_steps, fold_only):
         """Tensor ``t``'s gradient into its window: a large one gets its own launch now (after the
-        ones the short way holds), and its arguments serve the later ones; a small one waits in the bucket's stash for step() (or a flush once the stash is large).
+        ones the short way holds), and its arguments serve the later ones; a small one waits in
+        the bucket's stash for step() (or a flush once the stash is large).
         ``fold_only``: the window's last micro-step with clipping or a process group, whose
         moves wait for the norm or the average."""
         if window.plan.dtensor:

@@ -116,8 +116,9 @@ def assert_same(got, want, exact, what):
 @pytest.mark.parametrize("hook", [False, True], ids=["step", "fold_in_backward"])
 @pytest.mark.parametrize("cls,kwargs", VARIANTS, ids=IDS)
 def test_resume_from_state_dict_at_every_point(monkeypatch, cls, kwargs, backend, hook):
-    # Triton hook mode: the two large tensors get their own launch in backward, the rest are
-    # stashed for step(), so checkpoints between backward and step() find both kinds.
+    # Triton hook mode: the two large tensors are held for a shared launch (the first micro-
+    # step's first one launches alone), the rest are stashed for step(), so checkpoints between
+    # backward and step() find held, stashed and folded gradients.
     monkeypatch.setattr(tables, "HOOK_LAUNCH_MIN_NUMEL", 100)
     want = run(cls, kwargs, backend, hook)
     points = ["after_step", "before_step"]
